@@ -1,0 +1,186 @@
+"""Building blocks shared by DiffuSSM and DiT: conditioning embedders, adaLN, final layer.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) so that the
+training code can map them to mesh axes with config rules. The logical names used are:
+
+  "embed"    the model width D (the residual stream)
+  "hidden"   any wider internal dimension (MLP hidden, adaLN outputs, 2D SSM width)
+  "vocab"    rows of the label table
+  "freq"     the sinusoidal timestep-frequency dimension
+  "patch"    the flattened patch / hourglass-group input or output channels
+  "ssm"      per-channel SSM parameters (D channels) and "state" their N/2 modes
+  "layers"   the stacked-layer axis added by `nn.scan`
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = jax.nn.initializers.Initializer
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+normal_002 = nn.initializers.normal(stddev=0.02)
+
+LAYERS_AXIS = "layers"
+
+
+def partitioned(init: Initializer, axes: Sequence[str | None]) -> Initializer:
+    """Attach logical axis names to an initializer."""
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+class Dense(nn.Module):
+    """`nn.Dense` with logical axis names on kernel (in_axis, out_axis) and bias (out_axis)."""
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "hidden")
+    kernel_init: Initializer = xavier_uniform
+    bias_init: Initializer = zeros
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(
+            self.features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=partitioned(self.kernel_init, self.axes),
+            bias_init=partitioned(self.bias_init, self.axes[1:]),
+        )(x)
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters (eps 1e-6), computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: x (B, L, D), shift/scale (B, D)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), [cos, sin]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, D): sinusoidal frequencies then Linear, SiLU, Linear (normal(0.02) init)."""
+
+    hidden_size: int
+    frequency_dim: int = 256
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        kw = dict(kernel_init=normal_002, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = timestep_frequencies(t, self.frequency_dim).astype(self.dtype)
+        h = Dense(self.hidden_size, axes=("freq", "embed"), name="mlp_in", **kw)(h)
+        h = nn.silu(h)
+        return Dense(self.hidden_size, axes=("hidden", "embed"), name="mlp_out", **kw)(h)
+
+
+class LabelEmbedder(nn.Module):
+    """y (B,) int -> (B, D). Row `num_classes` is the null label used by classifier-free guidance.
+
+    In training, labels are replaced by the null label with probability `dropout_prob`
+    (needs the 'label_dropout' rng).
+    """
+
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array, train: bool) -> jax.Array:
+        if train and self.dropout_prob > 0:
+            drop = jax.random.bernoulli(self.make_rng("label_dropout"), self.dropout_prob, y.shape)
+            y = jnp.where(drop, self.num_classes, y)
+        table = self.param(
+            "embedding",
+            partitioned(normal_002, ("vocab", "embed")),
+            (self.num_classes + 1, self.hidden_size),
+            self.param_dtype,
+        )
+        return jnp.take(table, y, axis=0).astype(self.dtype)
+
+
+class Conditioning(nn.Module):
+    """c = TimestepEmbedder(t) + LabelEmbedder(y); unconditional models (num_classes=0) use t only."""
+
+    num_classes: int
+    hidden_size: int
+    class_dropout_prob: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array, y: jax.Array | None, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)(t)
+        if self.num_classes > 0:
+            if y is None:
+                y = jnp.full(t.shape, self.num_classes, jnp.int32)
+            c = c + LabelEmbedder(
+                self.num_classes, self.hidden_size, self.class_dropout_prob, name="y_embedder", **kw
+            )(y, train)
+        return c
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU(c) -> Linear(D -> n*D), zero-initialised (adaLN-Zero); returns n chunks of (B, D)."""
+
+    num_chunks: int
+    hidden_size: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c: jax.Array) -> list[jax.Array]:
+        out = Dense(
+            self.num_chunks * self.hidden_size,
+            axes=("embed", "hidden"),
+            kernel_init=zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(nn.silu(c))
+        return jnp.split(out, self.num_chunks, axis=-1)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm + adaLN (shift, scale) + zero-initialised Linear D -> out_features."""
+
+    hidden_size: int
+    out_features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shift, scale = AdaLNModulation(2, self.hidden_size, name="adaLN_modulation", **kw)(c)
+        x = modulate(layer_norm(x), shift, scale)
+        return Dense(
+            self.out_features, axes=("embed", "patch"), kernel_init=zeros, name="linear", **kw
+        )(x)

