@@ -1,0 +1,36 @@
+"""Input pipeline: tfds array_record datasets (embedded MNIST digits by default) read by grain."""
+
+from diffussm_jax.data.embedded_digits import (
+    CLASSIFIER_TEST_SPLIT,
+    CLASSIFIER_TRAIN_SPLIT,
+    EmbeddedDigits,
+    default_data_dir,
+    prepare_embedded_digits,
+)
+from diffussm_jax.data.input_pipeline import (
+    CorruptRecordError,
+    DatasetNotPreparedError,
+    create_loader,
+    create_loader_from_source,
+    make_global_batch,
+    open_data_source,
+    per_process_batch_size,
+)
+from diffussm_jax.data.preprocessing import adm_center_crop, to_model_range
+
+__all__ = [
+    "CLASSIFIER_TEST_SPLIT",
+    "CLASSIFIER_TRAIN_SPLIT",
+    "CorruptRecordError",
+    "DatasetNotPreparedError",
+    "EmbeddedDigits",
+    "adm_center_crop",
+    "create_loader",
+    "create_loader_from_source",
+    "default_data_dir",
+    "make_global_batch",
+    "open_data_source",
+    "per_process_batch_size",
+    "prepare_embedded_digits",
+    "to_model_range",
+]
