@@ -91,8 +91,12 @@ def adm_center_crop_reference(pil_image: Image.Image, image_size: int) -> np.nda
 
 @pytest.fixture(scope="module")
 def digits_dir(tmp_path_factory):
+    """Lets the first read build the digits in the default data_dir, here $TFDS_DATA_DIR."""
     data_dir = tmp_path_factory.mktemp("digits")
-    data.prepare_embedded_digits(data_dir)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFDS_DATA_DIR", str(data_dir))
+        assert data.default_data_dir() == str(data_dir)
+        data.open_data_source("embedded_digits", split="train")
     return data_dir
 
 
@@ -122,6 +126,12 @@ def _assert_same_batches(batches, expected):
 
 
 # --- The embedded digits -------------------------------------------------------------------------
+
+
+def test_embedded_digits_are_built_on_first_use_as_array_record(digits_dir):
+    version_dir = digits_dir / "embedded_digits" / "1.0.0"
+    assert (version_dir / "dataset_info.json").exists()
+    assert list(version_dir.glob("embedded_digits-train.array_record-*"))
 
 
 def test_embedded_digits_has_5000_padded_balanced_digits(digits_dir):

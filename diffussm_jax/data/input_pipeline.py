@@ -266,7 +266,9 @@ def create_loader(
       drop_remainder: drop the last partial batch, and the < process_count records that do
         not split evenly over processes.
       process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
-      worker_count: grain worker processes for decoding; 0 decodes in this process.
+      worker_count: grain worker processes for decoding; 0 decodes in this process. The
+        example order depends on it, and a saved iterator state only restores into a loader
+        with the same worker_count. Workers > 0 need absl flags parsed (absl.app.run does it).
       read_options: grain reader threads and prefetch depth (default: 16 threads, 500
         records ahead); fewer threads are faster on hosts with few cores.
 
