@@ -8,7 +8,9 @@ setuptools.setup(
     description="Diffusion models without attention (DiffuSSM) in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["diffussm_jax", "diffussm_jax.*", "launch", "configs"]),
+    packages=setuptools.find_packages(
+        include=["diffussm_jax", "diffussm_jax.*", "launch", "configs"]
+    ),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -49,13 +49,17 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return nn.Dense(
-            self.features,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(self.kernel_init, self.axes),
-            bias_init=partitioned(self.bias_init, self.axes[1:]),
-        )(x)
+        kernel = self.param(
+            "kernel",
+            partitioned(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", partitioned(self.bias_init, self.axes[1:]), (self.features,), self.param_dtype
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.dot(x, kernel) + bias
 
 
 def layer_norm(x: jax.Array) -> jax.Array:
@@ -127,7 +131,7 @@ class LabelEmbedder(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """c = TimestepEmbedder(t) + LabelEmbedder(y); unconditional models (num_classes=0) use t only."""
+    """c = TimestepEmbedder(t) + LabelEmbedder(y); unconditional (num_classes=0): t only."""
 
     num_classes: int
     hidden_size: int
@@ -164,6 +168,7 @@ class AdaLNModulation(nn.Module):
             kernel_init=zeros,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            name="linear",
         )(nn.silu(c))
         return jnp.split(out, self.num_chunks, axis=-1)
 

@@ -1,0 +1,238 @@
+"""DiffuSSM: the attention-free, patchify-free diffusion backbone (Yan, Gu & Rush, 2023).
+
+Shapes for one example (spec section 2): D width, L = H*W latent pixels, M hourglass ratio,
+J = L / M. The residual stream lives at the short length J; each block expands to the full
+length L, runs the bidirectional SSM there, and contracts back:
+
+    I~ = adaLN(I)                         (J, D)
+    U  = act(act(I~ W0) Wup)              (J, D) -> (J, M, D) -> (L, D)
+    Y  = BiSSM(U)                         (L, 2D)
+    I' = act(Wdown_k Y[j, k])             (J, M, 2D) -> (J, M, 2D/M) -> (J, 2D)
+    O  = (act(I' W2) * act(I~ W1)) W3     (J, D)
+    I  = I + gate * O
+
+Token l of the full sequence is sub-position k = l mod M of short token j = l // M.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffussm_jax import ssm
+from diffussm_jax.models import layers
+from diffussm_jax.models.layers import Dense, partitioned
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "silu": nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+class GroupedDense(nn.Module):
+    """M independent Linear maps, one per sub-position: (..., M, in) -> (..., M, out).
+
+    With `shared_input`, every map reads the same (..., in) input (Wup: D -> M*D as M maps).
+    Xavier-uniform per map (fan_in = in, fan_out = out), zero bias.
+    """
+
+    groups: int
+    features: int
+    shared_input: bool = False
+    axes: tuple[str | None, str | None] = ("hidden", "hidden")
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        kernel = self.param(
+            "kernel",
+            partitioned(init, (None, *self.axes)),
+            (self.groups, x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias",
+            partitioned(layers.zeros, (None, self.axes[1])),
+            (self.groups, self.features),
+            self.param_dtype,
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        equation = "...i,mio->...mo" if self.shared_input else "...mi,mio->...mo"
+        return jnp.einsum(equation, x, kernel) + bias
+
+
+class DiffuSSMBlock(nn.Module):
+    """One DiffuSSM layer. x (B, J, D), c (B, D) -> (B, J, D)."""
+
+    hidden_size: int
+    hourglass_ratio: int = 2
+    state_size: int = 64
+    ssm_init: ssm.InitName = "lin"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    activation: str = "gelu_tanh"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        batch, short_len, width = x.shape
+        ratio = self.hourglass_ratio
+        act = activation_fn(self.activation)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        shift, scale, gate = layers.AdaLNModulation(3, width, name="adaLN_modulation", **kw)(c)
+        x_mod = layers.modulate(layers.layer_norm(x), shift, scale)
+
+        h0 = act(Dense(width, axes=("embed", "hidden"), name="W0", **kw)(x_mod))
+        # Wup: M maps D -> D, one per sub-position; (B, J, M, D) -> (B, L, D) in raster order.
+        up = GroupedDense(
+            ratio, width, shared_input=True, axes=("hidden", "hidden"), name="Wup", **kw
+        )
+        u = act(up(h0))
+        u = u.reshape(batch, short_len * ratio, width)
+
+        y = ssm.BidirectionalSSMModule(
+            width,
+            state_size=self.state_size,
+            ssm_init=self.ssm_init,
+            dt_min=self.dt_min,
+            dt_max=self.dt_max,
+            name="ssm",
+        )(u)  # (B, L, 2D)
+
+        # Wdown: block-diagonal over sub-positions, each 2D -> 2D/M; back to (B, J, 2D).
+        y = y.reshape(batch, short_len, ratio, 2 * width)
+        down = GroupedDense(
+            ratio, 2 * width // ratio, axes=("hidden", "hidden"), name="Wdown", **kw
+        )
+        x_short = act(down(y)).reshape(batch, short_len, 2 * width)
+
+        gate_branch = act(Dense(2 * width, axes=("embed", "hidden"), name="W1", **kw)(x_mod))
+        value = act(Dense(2 * width, axes=("hidden", "hidden"), name="W2", **kw)(x_short))
+        out = Dense(width, axes=("hidden", "embed"), name="W3", **kw)(value * gate_branch)
+        return x + gate[:, None, :] * out
+
+
+class _ScannedBlock(DiffuSSMBlock):
+    """Block with the (carry, output) signature `nn.scan` expects."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, None]:
+        return DiffuSSMBlock.__call__(self, x, c), None
+
+
+class DiffuSSM(nn.Module):
+    """DiffuSSM denoiser. x (B, H, W, C) NHWC, t (B,), y (B,) int or None -> (B, H, W, C_out).
+
+    C_out = 2C when sigma is learned (noise prediction + variance interpolation), else C.
+    y == num_classes is the null label for classifier-free guidance; num_classes = 0 gives an
+    unconditional model.
+    """
+
+    input_size: int
+    in_channels: int
+    hidden_size: int
+    depth: int
+    hourglass_ratio: int = 2
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    state_size: int = 64
+    ssm_init: ssm.InitName = "lin"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    activation: str = "gelu_tanh"
+    learned_pos_embed: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    scan_layers: bool = True
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    def _check_input(self, x: jax.Array) -> None:
+        expected = (self.input_size, self.input_size, self.in_channels)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"DiffuSSM expects x of shape (B, {expected[0]}, {expected[1]}, {expected[2]}) "
+                f"(NHWC), got {tuple(x.shape)}; build the model with input_size and in_channels "
+                "matching the data."
+            )
+        if self.input_size % self.hourglass_ratio:
+            raise ValueError(
+                f"latent width {self.input_size} is not divisible by hourglass_ratio "
+                f"{self.hourglass_ratio}: each short token groups {self.hourglass_ratio} "
+                "horizontally adjacent pixels. Use an input size that is a multiple of the ratio "
+                "or another hourglass_ratio."
+            )
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        self._check_input(x)
+        batch, height, width, channels = x.shape
+        ratio, dim = self.hourglass_ratio, self.hidden_size
+        short_len = height * width // ratio
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+        # Raster order; M horizontally adjacent pixels form one short token.
+        tokens = x.reshape(batch, short_len, ratio * channels).astype(self.dtype)
+        h = Dense(dim, axes=("patch", "embed"), name="x_embedder", **kw)(tokens)
+        if self.learned_pos_embed:
+            pos = self.param(
+                "pos_embed",
+                partitioned(layers.normal_002, (None, "embed")),
+                (short_len, dim),
+                self.param_dtype,
+            )
+            h = h + pos.astype(self.dtype)
+        c = layers.Conditioning(
+            self.num_classes, dim, self.class_dropout_prob, name="conditioning", **kw
+        )(t, y, train)
+
+        block_kw = dict(
+            hidden_size=dim,
+            hourglass_ratio=ratio,
+            state_size=self.state_size,
+            ssm_init=self.ssm_init,
+            dt_min=self.dt_min,
+            dt_max=self.dt_max,
+            activation=self.activation,
+            **kw,
+        )
+        if self.scan_layers:
+            block_cls = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            blocks = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: layers.LAYERS_AXIS},
+            )(name="blocks", **block_kw)
+            h, _ = blocks(h, c)
+        else:
+            block_cls = nn.remat(DiffuSSMBlock) if self.remat else DiffuSSMBlock
+            for i in range(self.depth):
+                h = block_cls(name=f"blocks_{i}", **block_kw)(h, c)
+
+        out = layers.FinalLayer(dim, ratio * self.out_channels, name="final_layer", **kw)(h, c)
+        # The diffusion loss and samplers work in float32 whatever the compute dtype.
+        return out.reshape(batch, height, width, self.out_channels).astype(jnp.float32)

@@ -1,0 +1,236 @@
+"""Module-level checks: registry, shapes, init, the hourglass wiring, sizes against the papers."""
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffussm_jax import models
+
+TINY = {
+    "DiffuSSM": dict(hidden_size=32, depth=2, state_size=8),
+    "DiT": dict(hidden_size=32, depth=2, num_heads=2),
+}
+
+
+def tiny(name: str, input_size: int = 16, **overrides):
+    family = "DiT" if name.startswith("DiT") else "DiffuSSM"
+    return models.create(
+        name, input_size=input_size, in_channels=4, num_classes=10, **{**TINY[family], **overrides}
+    )
+
+
+def randomize(params, key, scale=0.1):
+    """Replace every parameter by noise, so zero-initialised paths carry signal."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return tree.unflatten(
+        [
+            leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype)
+            for k, leaf in zip(keys, leaves, strict=True)
+        ]
+    )
+
+
+def inputs(batch=2, size=16, channels=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, channels)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, batch), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 11, batch), jnp.int32)
+    return x, t, y
+
+
+@pytest.fixture(scope="module")
+def diffussm():
+    model = tiny("DiffuSSM-S")
+    x, t, y = inputs()
+    params = nn.meta.unbox(model.init(jax.random.key(0), x, t, y))["params"]
+    return model, params, jax.jit(functools.partial(model.apply, train=False))
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_registered_model_builds_with_the_right_output(name):
+    patch = int(name.split("/")[1]) if "/" in name else 1
+    size = max(8, 2 * patch)
+    model = tiny(name, input_size=size, depth=1)
+    x, t, y = inputs(size=size)
+    variables = model.init(jax.random.key(0), x, t, y)
+    out = model.apply(variables, x, t, y)
+    chex.assert_shape(out, (2, size, size, 8))
+    assert out.dtype == jnp.float32
+    # adaLN-Zero and the zero final layer: exactly zero at init.
+    assert float(jnp.abs(out).max()) == 0.0
+
+
+def test_names_and_errors():
+    assert models.names()[:4] == ["DiffuSSM-S", "DiffuSSM-B", "DiffuSSM-L", "DiffuSSM-XL"]
+    assert {"DiT-S/2", "DiT-XL/2", "DiT-XL/8", "DiT-B/4"} <= set(models.names())
+    assert len(models.names()) == 4 + 12
+    with pytest.raises(ValueError, match="valid names: DiffuSSM-S"):
+        models.create("DiffuSSM-XXL", input_size=32, in_channels=4, num_classes=10)
+    with pytest.raises(ValueError, match=r"no field\(s\) \['hidden'\]"):
+        models.create("DiffuSSM-S", input_size=32, in_channels=4, num_classes=10, hidden=8)
+
+
+def test_hourglass_and_input_errors_name_the_fix():
+    model = tiny("DiffuSSM-S", input_size=15)
+    with pytest.raises(ValueError, match="not divisible by hourglass_ratio 2"):
+        model.init(jax.random.key(0), *inputs(size=15))
+    with pytest.raises(ValueError, match="NHWC"):
+        tiny("DiffuSSM-S").init(jax.random.key(0), *inputs(size=8))
+
+
+def test_init_values(diffussm):
+    _, params, _ = diffussm
+    blocks = params["blocks"]
+    assert blocks["W0"]["kernel"].shape == (2, 32, 32)  # stacked over depth by nn.scan
+    for zero in (
+        blocks["adaLN_modulation"]["linear"]["kernel"],
+        params["final_layer"]["linear"]["kernel"],
+        params["final_layer"]["adaLN_modulation"]["linear"]["kernel"],
+    ):
+        assert float(jnp.abs(zero).max()) == 0.0
+    # Xavier-uniform bound sqrt(6 / (fan_in + fan_out)) for each of the M Wdown maps (64 -> 32).
+    wdown = blocks["Wdown"]["kernel"]
+    assert wdown.shape == (2, 2, 64, 32)
+    bound = np.sqrt(6 / (64 + 32))
+    assert float(jnp.abs(wdown).max()) <= bound and float(jnp.abs(wdown).max()) > 0.9 * bound
+    emb = params["conditioning"]["y_embedder"]["embedding"]
+    assert emb.shape == (11, 32) and 0.01 < float(emb.std()) < 0.03  # normal(0.02), null row
+    # The layers of the stack are initialised independently.
+    assert not np.allclose(blocks["ssm"]["forward"]["c"][0], blocks["ssm"]["forward"]["c"][1])
+
+
+def test_hourglass_groups_horizontal_neighbours():
+    """With no blocks, output pixel (i, j) depends exactly on input pixels (i, 2*(j//2) + {0,1})."""
+    model = tiny("DiffuSSM-S", input_size=8, depth=0)
+    x, t, y = inputs(size=8)
+    params = randomize(
+        nn.meta.unbox(model.init(jax.random.key(0), x, t, y))["params"], jax.random.key(1)
+    )
+    base = model.apply({"params": params}, x, t, y)
+    changed = model.apply({"params": params}, x.at[:, 3, 4].add(1.0), t, y) - base
+    moved = np.abs(np.asarray(changed)).max(axis=(0, 3)) > 0
+    expected = np.zeros((8, 8), bool)
+    expected[3, 4:6] = True
+    np.testing.assert_array_equal(moved, expected)
+
+
+def test_blocks_mix_the_whole_sequence(diffussm):
+    """The bidirectional SSM reaches every position: a change at one pixel moves all outputs."""
+    _, params, apply = diffussm
+    params = randomize(params, jax.random.key(2))
+    x, t, y = inputs()
+    delta = apply({"params": params}, x.at[:, 8, 8].add(1.0), t, y) - apply(
+        {"params": params}, x, t, y
+    )
+    assert np.all(np.abs(np.asarray(delta)).max(axis=(0, 3)) > 0)
+
+
+def test_null_label_and_conditioning(diffussm):
+    model, params, apply = diffussm
+    params = randomize(params, jax.random.key(3))
+    x, t, _ = inputs()
+    null = apply({"params": params}, x, t, None)
+    np.testing.assert_array_equal(null, apply({"params": params}, x, t, jnp.full((2,), 10)))
+    assert not np.allclose(null, apply({"params": params}, x, t, jnp.zeros((2,), jnp.int32)))
+    # Training drops labels to null with probability 0.1, driven by the 'label_dropout' rng.
+    y = jnp.zeros((256,), jnp.int32)
+    xs, ts = jnp.zeros((256, 16, 16, 4)), jnp.full((256,), 10)
+    train = model.apply(
+        {"params": params}, xs, ts, y, train=True, rngs={"label_dropout": jax.random.key(0)}
+    )
+    eval_out = apply({"params": params}, xs, ts, y)
+    null_out = apply({"params": params}, xs, ts, jnp.full((256,), 10))
+    dropped = np.all(np.isclose(train, null_out, atol=1e-5), axis=(1, 2, 3))
+    kept = np.all(np.isclose(train, eval_out, atol=1e-5), axis=(1, 2, 3))
+    assert np.all(dropped ^ kept) and 10 <= dropped.sum() <= 45
+
+
+def unstack_layers(params, depth):
+    """nn.scan params (stacked 'blocks') -> the unrolled layout ('blocks_0', ...)."""
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], params["blocks"])
+    return out
+
+
+@pytest.mark.parametrize("family", ["DiffuSSM-S", "DiT-S/2"])
+def test_scan_remat_and_unrolled_agree(family):
+    x, t, y = inputs(size=8)
+    scanned = tiny(family, input_size=8)
+    params = randomize(
+        nn.meta.unbox(scanned.init(jax.random.key(0), x, t, y))["params"], jax.random.key(4)
+    )
+    reference = scanned.apply({"params": params}, x, t, y)
+    unrolled = tiny(family, input_size=8, scan_layers=False, remat=True)
+    out = unrolled.apply({"params": unstack_layers(params, 2)}, x, t, y)
+    np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["DiffuSSM-S", "DiT-S/2"])
+def test_bfloat16_compute_close_to_float32(family):
+    x, t, y = inputs(size=8)
+    model = tiny(family, input_size=8)
+    params = randomize(
+        nn.meta.unbox(model.init(jax.random.key(0), x, t, y))["params"], jax.random.key(5)
+    )
+    out32 = model.apply({"params": params}, x, t, y)
+    out16 = tiny(family, input_size=8, dtype=jnp.bfloat16).apply({"params": params}, x, t, y)
+    assert out16.dtype == jnp.float32  # outputs are returned in float32 for the loss
+    # bf16 keeps 8 mantissa bits: relative error per op ~ 2^-8; through two blocks we allow 5%
+    # of the output scale (measured: ~1%). A float16 overflow or wrong cast gives O(1) errors.
+    err = float(jnp.abs(out16 - out32).max() / jnp.abs(out32).max())
+    assert err < 0.05, err
+
+
+def diffussm_param_formula(width, depth, state_size=64, ratio=2, in_channels=4, num_classes=1000):
+    """Independent count from the spec's shapes (weights + biases) for learn_sigma=True."""
+    d, out = width, 2 * in_channels
+    per_layer = (
+        (d * d + d)  # W0
+        + (ratio * d * d + ratio * d)  # Wup: M maps D -> D
+        + (2 * d * 2 * d + 2 * d)  # Wdown: M maps 2D -> 2D/M
+        + (d * 2 * d + 2 * d)  # W1
+        + (2 * d * 2 * d + 2 * d)  # W2
+        + (2 * d * d + d)  # W3
+        + (d * 3 * d + 3 * d)  # adaLN
+        + 2 * d * (1 + state_size // 2 * 2 + state_size + 1)  # two S4D: dt, A (re, im), C, D
+    )
+    embed = ratio * in_channels * d + d + 256 * d + d + d * d + d + (num_classes + 1) * d
+    final = d * 2 * d + 2 * d + d * ratio * out + ratio * out
+    return depth * per_layer + embed + final
+
+
+@pytest.fixture(scope="module")
+def xl_stats():
+    return {
+        (name, size): models.stats(name, input_size=size)
+        for name in ("DiffuSSM-XL", "DiT-XL/2")
+        for size in (32, 64)
+    }
+
+
+def test_dit_xl2_matches_paper(xl_stats):
+    for size, paper_gmacs in ((32, 118.6), (64, 524.6)):
+        stats = xl_stats[("DiT-XL/2", size)]
+        assert abs(stats["params"] / 675e6 - 1) < 0.02, stats["params"]
+        assert abs(stats["forward_gmacs"] / paper_gmacs - 1) < 0.02, stats["forward_gmacs"]
+
+
+def test_diffussm_xl_size_and_cost(xl_stats):
+    for size in (32, 64):
+        stats = xl_stats[("DiffuSSM-XL", size)]
+        assert stats["params"] == diffussm_param_formula(1152, 29)
+        # 707.3M vs the paper's 673M (+5.1%): the README explains the gap.
+        assert 0.95 < stats["params"] / 673e6 < 1.06
+        breakdown = stats["gmacs_breakdown"]
+        seq_len = size * size
+        dense = breakdown["blocks"] - breakdown["blocks.ssm"]
+        assert abs(dense / (7.5 * seq_len * 1152**2 * 29 / 1e9) - 1) < 0.03
+        # The SSM (FFTs and kernel generation) is a small part of the cost.
+        assert 0 < breakdown["blocks.ssm"] < 0.1 * stats["forward_gmacs"]
