@@ -1,0 +1,186 @@
+"""The diffusion process object: schedule arrays (float64, host) plus static configuration.
+
+`Diffusion` is a frozen dataclass of numpy arrays and Python scalars. It is not a pytree: close over
+it (or pass it as a static argument; it hashes by identity) and its arrays become constants of the
+jitted program. Functions in `gaussian`, `losses` and `samplers` cast the arrays to float32 (or to
+float64 under `jax.enable_x64`) where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from diffussm_jax.diffusion import respacing, schedules
+
+LOSSES = ("hybrid", "mse")
+FIXED_VARIANCES = ("large", "small")
+
+
+# eq=False: numpy fields make value equality ambiguous; identity hashing lets the object be a static
+# jit argument.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Diffusion:
+    """A (possibly respaced) Gaussian diffusion with N steps.
+
+    Arrays are (N,) float64 unless noted; index k is the k-th step of this chain, which is original
+    step `timestep_map[k]` of the chain the model was trained on.
+
+    Attributes:
+      betas: beta_k.
+      alphas_cumprod: alpha_bar_k = prod_{j<=k} (1 - beta_j).
+      alphas_cumprod_prev: alpha_bar_{k-1}, with 1 before the first step.
+      sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: scales of x_0 and noise in q(x_k | x_0).
+      sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod: x_0 = a * x_k - b * eps.
+      posterior_variance: variance of q(x_{k-1} | x_k, x_0) (0 at k = 0).
+      posterior_log_variance_clipped: its log, with the k = 0 entry replaced by the k = 1 entry
+        because the true value is log 0.
+      posterior_mean_coef1, posterior_mean_coef2: posterior mean = coef1 * x_0 + coef2 * x_k.
+      timestep_map: (N,) int32, original step of each index (identity unless respaced).
+      original_num_timesteps: length of the chain the model was trained on.
+      learn_sigma: model outputs 2C channels (eps, v) and the variance is "learned range".
+      fixed_variance: "large" (beta_k) or "small" (posterior variance) when sigma is not learned.
+      loss: "hybrid" (eps-MSE + VLB on the variance) or "mse" (eps-MSE only).
+      schedule: name of the beta schedule of the original chain.
+    """
+
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    alphas_cumprod_prev: np.ndarray
+    sqrt_alphas_cumprod: np.ndarray
+    sqrt_one_minus_alphas_cumprod: np.ndarray
+    sqrt_recip_alphas_cumprod: np.ndarray
+    sqrt_recipm1_alphas_cumprod: np.ndarray
+    posterior_variance: np.ndarray
+    posterior_log_variance_clipped: np.ndarray
+    posterior_mean_coef1: np.ndarray
+    posterior_mean_coef2: np.ndarray
+    timestep_map: np.ndarray
+    original_num_timesteps: int
+    learn_sigma: bool
+    fixed_variance: str
+    loss: str
+    schedule: str
+
+    @property
+    def num_timesteps(self) -> int:
+        """N, the number of steps of this (possibly respaced) chain."""
+        return int(self.betas.shape[0])
+
+    @property
+    def is_respaced(self) -> bool:
+        return self.num_timesteps != self.original_num_timesteps or not np.array_equal(
+            self.timestep_map, np.arange(self.original_num_timesteps)
+        )
+
+
+def from_betas(
+    betas: np.ndarray,
+    *,
+    timestep_map: np.ndarray | None = None,
+    original_num_timesteps: int | None = None,
+    learn_sigma: bool = True,
+    fixed_variance: str = "large",
+    loss: str = "hybrid",
+    schedule: str = "custom",
+) -> Diffusion:
+    """Builds a `Diffusion` from betas (N,), deriving every other array in float64."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or not np.all((betas > 0) & (betas <= 1)):
+        raise ValueError("betas must be a 1-D array with entries in (0, 1]")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+    if fixed_variance not in FIXED_VARIANCES:
+        raise ValueError(f"unknown fixed_variance {fixed_variance!r}; expected {FIXED_VARIANCES}")
+    if loss == "hybrid" and not learn_sigma:
+        raise ValueError("loss='hybrid' trains the learned variance; it needs learn_sigma=True")
+    num_steps = betas.shape[0]
+    if timestep_map is None:
+        timestep_map = np.arange(num_steps)
+    if original_num_timesteps is None:
+        original_num_timesteps = num_steps
+
+    alphas_cumprod = np.cumprod(1.0 - betas)
+    alphas_cumprod_prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # The posterior variance is exactly 0 at the first step; the clipped log borrows the next entry
+    # so log-variances stay finite (they are interpolated with log beta by the learned range).
+    first = posterior_variance[1] if num_steps > 1 else betas[0]
+    posterior_log_variance_clipped = np.log(np.concatenate([[first], posterior_variance[1:]]))
+    return Diffusion(
+        betas=betas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+        sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+        sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1.0),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=posterior_log_variance_clipped,
+        posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        posterior_mean_coef2=(1.0 - alphas_cumprod_prev)
+        * np.sqrt(1.0 - betas)
+        / (1.0 - alphas_cumprod),
+        timestep_map=np.asarray(timestep_map, dtype=np.int32),
+        original_num_timesteps=int(original_num_timesteps),
+        learn_sigma=bool(learn_sigma),
+        fixed_variance=fixed_variance,
+        loss=loss,
+        schedule=schedule,
+    )
+
+
+def respace(diffusion: Diffusion, spec: str | int) -> Diffusion:
+    """The chain that visits only the steps of `diffusion` chosen by `spec` (see `space_timesteps`).
+
+    Respacing an already respaced diffusion composes the maps, so `timestep_map` always points at
+    the original chain the model was trained on.
+    """
+    kept = respacing.space_timesteps(diffusion.num_timesteps, spec, diffusion.alphas_cumprod)
+    return from_betas(
+        respacing.respace_betas(diffusion.alphas_cumprod, kept),
+        timestep_map=diffusion.timestep_map[kept],
+        original_num_timesteps=diffusion.original_num_timesteps,
+        learn_sigma=diffusion.learn_sigma,
+        fixed_variance=diffusion.fixed_variance,
+        loss=diffusion.loss,
+        schedule=diffusion.schedule,
+    )
+
+
+def create(
+    num_timesteps: int = 1000,
+    schedule: str = "linear",
+    learn_sigma: bool = True,
+    loss: str | None = None,
+    timestep_respacing: str | int | None = None,
+    fixed_variance: str = "large",
+) -> Diffusion:
+    """The DiT/DiffuSSM diffusion: T steps of `schedule`, optionally respaced.
+
+    Args:
+      num_timesteps: T of the training chain (1000 in the paper).
+      schedule: "linear" (paper) or "cosine".
+      learn_sigma: model predicts (eps, v) with 2C channels, variance by "learned range" (paper).
+      loss: "hybrid" (paper; eps-MSE plus the VLB on the variance channels) or "mse". Defaults to
+        "hybrid" when sigma is learned and "mse" otherwise.
+      timestep_respacing: None for the full chain, or a spec such as "250", "ddim50", "10,15,20".
+      fixed_variance: variance when sigma is not learned: "large" (beta_t, DiT's default) or
+        "small" (the true posterior variance).
+
+    Returns:
+      A `Diffusion`; close over it inside jit.
+    """
+    if loss is None:
+        loss = "hybrid" if learn_sigma else "mse"
+    diffusion = from_betas(
+        schedules.betas_for_schedule(schedule, num_timesteps),
+        learn_sigma=learn_sigma,
+        fixed_variance=fixed_variance,
+        loss=loss,
+        schedule=schedule,
+    )
+    if timestep_respacing is not None and str(timestep_respacing) != "":
+        diffusion = respace(diffusion, timestep_respacing)
+    return diffusion
