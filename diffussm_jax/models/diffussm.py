@@ -50,7 +50,7 @@ class GroupedDense(nn.Module):
     groups: int
     features: int
     shared_input: bool = False
-    axes: tuple[str | None, str | None] = ("hidden", "hidden")
+    axes: tuple[str | None, str | None] = ("hidden", "hidden_out")
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -84,6 +84,7 @@ class DiffuSSMBlock(nn.Module):
     dt_min: float = 0.001
     dt_max: float = 0.1
     activation: str = "gelu_tanh"
+    ssm_backend: ssm.Backend = "fft"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -100,7 +101,7 @@ class DiffuSSMBlock(nn.Module):
         h0 = act(Dense(width, axes=("embed", "hidden"), name="W0", **kw)(x_mod))
         # Wup: M maps D -> D, one per sub-position; (B, J, M, D) -> (B, L, D) in raster order.
         up = GroupedDense(
-            ratio, width, shared_input=True, axes=("hidden", "hidden"), name="Wup", **kw
+            ratio, width, shared_input=True, axes=("hidden", "hidden_out"), name="Wup", **kw
         )
         u = act(up(h0))
         u = u.reshape(batch, short_len * ratio, width)
@@ -111,18 +112,19 @@ class DiffuSSMBlock(nn.Module):
             ssm_init=self.ssm_init,
             dt_min=self.dt_min,
             dt_max=self.dt_max,
+            backend=self.ssm_backend,
             name="ssm",
         )(u)  # (B, L, 2D)
 
         # Wdown: block-diagonal over sub-positions, each 2D -> 2D/M; back to (B, J, 2D).
         y = y.reshape(batch, short_len, ratio, 2 * width)
         down = GroupedDense(
-            ratio, 2 * width // ratio, axes=("hidden", "hidden"), name="Wdown", **kw
+            ratio, 2 * width // ratio, axes=("hidden", "hidden_out"), name="Wdown", **kw
         )
         x_short = act(down(y)).reshape(batch, short_len, 2 * width)
 
         gate_branch = act(Dense(2 * width, axes=("embed", "hidden"), name="W1", **kw)(x_mod))
-        value = act(Dense(2 * width, axes=("hidden", "hidden"), name="W2", **kw)(x_short))
+        value = act(Dense(2 * width, axes=("hidden", "hidden_out"), name="W2", **kw)(x_short))
         out = Dense(width, axes=("hidden", "embed"), name="W3", **kw)(value * gate_branch)
         return x + gate[:, None, :] * out
 
@@ -156,6 +158,7 @@ class DiffuSSM(nn.Module):
     dt_min: float = 0.001
     dt_max: float = 0.1
     activation: str = "gelu_tanh"
+    ssm_backend: ssm.Backend = "fft"
     learned_pos_embed: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -215,6 +218,7 @@ class DiffuSSM(nn.Module):
             dt_min=self.dt_min,
             dt_max=self.dt_max,
             activation=self.activation,
+            ssm_backend=self.ssm_backend,
             **kw,
         )
         if self.scan_layers:

@@ -5,6 +5,7 @@ training code can map them to mesh axes with config rules. The logical names use
 
   "embed"    the model width D (the residual stream)
   "hidden"   any wider internal dimension (MLP hidden, adaLN outputs, 2D SSM width)
+  "hidden_out"  the output side of a hidden -> hidden map (names must differ within a tensor)
   "vocab"    rows of the label table
   "freq"     the sinusoidal timestep-frequency dimension
   "patch"    the flattened patch / hourglass-group input or output channels

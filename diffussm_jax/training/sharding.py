@@ -1,0 +1,133 @@
+"""Mesh construction and the mapping of logical parameter axes to mesh axes.
+
+One `Mesh` with axes ('data', 'fsdp'). The batch is split over both axes. Parameters (and, with
+them, EMA and optimizer state) are split over 'fsdp' by the logical-axis rules below; a tensor
+below `fsdp_min_size` elements, or a dimension that does not divide, stays replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # the global batch is split over every device
+
+# Logical axis -> mesh axis, tried in order; an axis already used by an earlier dimension of the
+# same tensor is skipped, so a (hidden, hidden) kernel is split on its first dimension only.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("hidden", "fsdp"),
+    ("hidden_out", "fsdp"),
+    ("vocab", "fsdp"),
+    ("patch", None),
+    ("freq", None),
+    ("ssm", None),
+    ("state", None),
+    ("layers", None),
+)
+
+
+def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp') mesh over all (or the given) devices; -1 takes what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1.")
+    if data == -1:
+        data = count // max(fsdp, 1)
+    if fsdp == -1:
+        fsdp = count // max(data, 1)
+    if data * fsdp != count:
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {count} are present; "
+            "set --config.mesh.data/--config.mesh.fsdp so their product is the device count "
+            "(-1 takes the rest)."
+        )
+    device_grid = np.asarray(devices).reshape(data, fsdp)
+    return Mesh(device_grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over every device."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
+    devices = mesh.devices.size
+    if global_batch_size % devices:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by the {devices} devices of "
+            f"the mesh; use a multiple of {devices} (e.g. --config.global_batch_size="
+            f"{max(devices, global_batch_size // devices * devices)})."
+        )
+    if global_batch_size % jax.process_count():
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by the "
+            f"{jax.process_count()} processes."
+        )
+
+
+def _fit_spec(
+    spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, min_size: int
+) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide, and everything for small tensors."""
+    if int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[name] for name in names], dtype=np.int64))
+        fitted.append(axes if names and dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def state_shardings(
+    boxed_abstract_state: Any,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+    min_size: int = 2**16,
+) -> Any:
+    """NamedShardings for the unboxed version of a tree whose parameters carry logical axes.
+
+    Args:
+      boxed_abstract_state: `jax.eval_shape` of a function returning the state with
+        `nn.LogicallyPartitioned` leaves (optax keeps the boxes in its moments, so they are
+        sharded like the parameters).
+      mesh: the ('data', 'fsdp') mesh.
+      rules: logical axis -> mesh axis.
+      min_size: tensors with fewer elements stay replicated.
+    """
+
+    def leaf_sharding(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned) and not jax.tree.leaves(leaf.value):
+            return leaf.value  # optax's MaskedNode placeholders for the other param group
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            spec, shape = nn.logical_to_mesh_axes(leaf.names, rules), leaf.value.shape
+        else:
+            spec, shape = PartitionSpec(), leaf.shape
+        return NamedSharding(mesh, _fit_spec(spec, shape, mesh, min_size))
+
+    return jax.tree.map(
+        leaf_sharding,
+        boxed_abstract_state,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of `tree` (arrays or ShapeDtypeStructs with shardings) held by one device."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total

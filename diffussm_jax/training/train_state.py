@@ -1,0 +1,139 @@
+"""Train state (params, EMA, optimizer, step, rng), the optimizer, and sharded creation."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from diffussm_jax import models, ssm
+from diffussm_jax.training import sharding
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # () int32, number of updates applied
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data; per-step keys are fold_in(rng, step)
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The registry model named by `config.model`, with the config's overrides and precision."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
+    overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
+    return models.create(
+        config.model,
+        input_size=config.data.image_size,
+        in_channels=config.data.channels,
+        num_classes=config.data.num_classes,
+        learn_sigma=config.learn_sigma,
+        dtype=DTYPES[config.dtype],
+        remat=config.remat,
+        scan_layers=config.scan_layers,
+        **overrides,
+    )
+
+
+def _param_group(path: tuple[Any, ...], _) -> str:
+    """'ssm' for the SSM dynamics (log_dt, A), 'default' for everything else.
+
+    The name is the last dict key on the path: boxed (logically partitioned) parameters add
+    an attribute step after it.
+    """
+    keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+    return "ssm" if keys and keys[-1] in ssm.SSM_DYNAMICS_PARAMS else "default"
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW (DiT recipe: lr 1e-4 constant, wd 0), optional warmup and global-norm clipping.
+
+    The SSM dynamics parameters get their own learning rate and never weight decay: decaying
+    log_dt or log(-Re A) towards 0 would change time scales, not shrink weights.
+    """
+
+    def schedule(lr: float):
+        if config.warmup_steps:
+            return optax.linear_schedule(0.0, lr, config.warmup_steps)
+        return lr
+
+    ssm_lr = config.ssm_learning_rate or config.learning_rate
+    betas = dict(b1=config.adam_b1, b2=config.adam_b2)
+    groups = optax.multi_transform(
+        {
+            "default": optax.adamw(
+                schedule(config.learning_rate), weight_decay=config.weight_decay, **betas
+            ),
+            "ssm": optax.adam(schedule(ssm_lr), **betas),
+        },
+        lambda params: jax.tree_util.tree_map_with_path(_param_group, params),
+    )
+    if config.grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), groups)
+    return groups
+
+
+def init_variables(model: nn.Module, rng: jax.Array) -> Any:
+    """Boxed (logically partitioned) parameters of `model`."""
+    x, t, y = (
+        jnp.zeros(spec.shape, spec.dtype) for spec in models.example_inputs(model, batch_size=1)
+    )
+    return model.init({"params": rng}, x, t, y, train=False)["params"]
+
+
+def _create_boxed_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation):
+    params = init_variables(model, rng)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+    )
+
+
+def _boxed_abstract_state(config, model, tx):
+    create = functools.partial(_create_boxed_state, model=model, tx=tx)
+    return create, jax.eval_shape(create, jax.random.key(config.seed))
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+) -> tuple[TrainState, Any]:
+    """Creates the state already sharded over `mesh` (nothing is materialised unsharded).
+
+    Returns:
+      (state, state_shardings) with the shardings tree matching `state`.
+    """
+    create, boxed = _boxed_abstract_state(config, model, tx)
+    shardings = sharding.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
+    state = jax.jit(lambda r: nn.meta.unbox(create(r)), out_shardings=shardings)(
+        jax.random.key(config.seed)
+    )
+    return state, shardings
+
+
+def abstract_train_state(config, model, tx, mesh) -> tuple[TrainState, Any]:
+    """ShapeDtypeStructs (with shardings) of the state, for restoring and ahead-of-time compiles."""
+    _, boxed = _boxed_abstract_state(config, model, tx)
+    shardings = sharding.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
+    abstract = jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings

@@ -1,0 +1,261 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Creates the mesh, model, diffusion, optimizer and sharded state; resumes from the newest
+checkpoint in `workdir` (state, EMA, optimizer, step and data position); trains with periodic
+metrics, checkpoints and EMA sample grids; on SIGTERM (preemption) saves and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from diffussm_jax import data
+from diffussm_jax import diffusion as diffusion_lib
+from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train_state, train_step
+
+
+class NonFiniteError(FloatingPointError):
+    """Training stopped on a NaN/Inf loss or gradient (config.nonfinite = "stop")."""
+
+
+def check_workdir(workdir: str) -> str:
+    """Creates `workdir` and proves it is writable, with an error that says what to do."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"workdir {workdir} is not writable ({e.strerror}); pass a --workdir you can write to."
+        ) from e
+    return workdir
+
+
+def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Diffusion:
+    return diffusion_lib.create(
+        num_timesteps=config.diffusion.num_timesteps,
+        schedule=config.diffusion.schedule,
+        learn_sigma=config.learn_sigma,
+        loss=config.diffusion.loss,
+    )
+
+
+def create_data_iterator(config: ml_collections.ConfigDict):
+    loader = data.create_loader(
+        config.data.name,
+        split=config.data.split,
+        data_dir=config.data.data_dir,
+        per_process_batch_size=data.per_process_batch_size(config.global_batch_size),
+        seed=config.seed,
+        image_key=config.data.image_key,
+        label_key=config.data.label_key,
+        image_size=config.data.center_crop,
+        random_flip=config.data.random_flip,
+        worker_count=config.data.worker_count,
+    )
+    return iter(loader)
+
+
+def global_batch(local: dict[str, np.ndarray], config, mesh) -> dict[str, jax.Array]:
+    """Per-process numpy batch -> global arrays; validates shapes and labels on the way."""
+    images = local["image"]
+    expected = (config.data.image_size, config.data.image_size, config.data.channels)
+    if tuple(images.shape[1:]) != expected:
+        raise ValueError(
+            f"dataset {config.data.name!r} yields images of shape {images.shape[1:]}, the config "
+            f"expects {expected}; set config.data.image_size / channels (or center_crop) to match."
+        )
+    if config.data.latent_scale:
+        local = {**local, "image": images * np.float32(config.data.latent_scale)}
+    if config.data.num_classes > 0:
+        labels = local.get("label")
+        if labels is None:
+            raise ValueError(
+                f"config.data.num_classes={config.data.num_classes} but the dataset has no "
+                "labels; set config.data.num_classes=0 for unconditional training."
+            )
+        if labels.min() < 0 or labels.max() >= config.data.num_classes:
+            raise ValueError(
+                f"labels out of range [0, {config.data.num_classes}): found {labels.min()}.."
+                f"{labels.max()}; set config.data.num_classes to the dataset's class count."
+            )
+    else:
+        local = {k: v for k, v in local.items() if k != "label"}
+    return data.make_global_batch(local, mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag the loop checks after each step (then save and exit)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: will save a checkpoint and exit after this step.")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every process if any process was asked to stop."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.asarray(self.requested))
+        return bool(np.any(flags))
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def log_topology(mesh) -> None:
+    logging.info(
+        "process %d/%d: %d local devices, %d global (%s); mesh %s",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+        dict(mesh.shape),
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
+    workdir = check_workdir(workdir)
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    sharding.check_global_batch(config.global_batch_size, mesh)
+    log_topology(mesh)
+
+    model = train_state.build_model(config)
+    diffusion = create_diffusion(config)
+    tx = train_state.create_optimizer(config)
+    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    data_iterator = create_data_iterator(config)
+
+    abstract_state, state_shardings = train_state.abstract_train_state(config, model, tx, mesh)
+    if checkpointer.latest_step() is not None:
+        state, start_step = checkpointer.restore(abstract_state, data_iterator)
+    else:
+        state, _ = train_state.create_train_state(config, model, tx, mesh)
+        start_step = 0
+    logging.info(
+        "%s: %.2fM parameters, %.1f MiB of state per device",
+        config.model,
+        sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+        sharding.bytes_per_device(state) / 2**20,
+    )
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, state_shardings)
+    writer = metrics.MetricWriter(workdir)
+    progress = metrics.Progress(start_step, config.num_train_steps, config.global_batch_size)
+    stop = _StopSignal()
+    sample_fn = None
+    window: list[dict[str, Any]] = []
+    last_saved = start_step if start_step else None
+
+    def save(step: int, force: bool = False) -> None:
+        nonlocal last_saved
+        if not checkpoint.all_finite(state.params):
+            logging.error("step %d: parameters are not finite; checkpoint NOT written.", step)
+            return
+        checkpointer.save(step, state, data_iterator, config, force=force)
+        last_saved = step
+
+    step = start_step
+    try:
+        while step < config.num_train_steps:
+            batch = global_batch(next(data_iterator), config, mesh)
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            window.append(step_metrics)
+
+            if config.nonfinite == "stop" and int(step_metrics["nonfinite"]):
+                bad = jax.device_get(step_metrics)
+                quantity = "loss" if not np.isfinite(bad["loss"]) else "gradient norm"
+                raise NonFiniteError(
+                    f"step {step}: non-finite {quantity} (loss={bad['loss']}, "
+                    f"grad_norm={bad['grad_norm']}); the update was not applied. Last good "
+                    f"checkpoint: step {last_saved} in {checkpointer.directory}."
+                )
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                scalars = metrics.summarize(jax.device_get(window))
+                window = []
+                text, rates = progress.line(step, scalars)
+                logging.info(text)
+                if scalars["nonfinite"]:
+                    logging.warning(
+                        "%d non-finite steps skipped since the last log line (step %d).",
+                        int(scalars["nonfinite"]),
+                        step,
+                    )
+                writer.write(step, {**scalars, **rates})
+            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+                sample_fn = sample_fn or sampling.make_sample_fn(
+                    model,
+                    diffusion,
+                    mesh,
+                    sampler=config.sampling.sampler,
+                    steps=config.sampling.steps,
+                    cfg_scale=config.sampling.cfg_scale,
+                )
+                write_sample_grid(config, workdir, step, sample_fn, state.ema_params, mesh, writer)
+            stop_now = stop.agreed() or checkpointer.manager.reached_preemption(step)
+            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                save(step)
+            elif stop_now:
+                save(step, force=True)
+            if stop_now:
+                logging.warning("Stopping at step %d after saving (preemption).", step)
+                break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        stop.restore()
+    logging.info("Done at step %d. Checkpoints: %s", step, checkpointer.directory)
+    return state
+
+
+def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) -> str:
+    """EMA samples, one row per class for conditional models, as `samples/step_<N>.png`."""
+    sampling_config = config.sampling
+    if config.data.num_classes > 0:
+        labels = sampling.grid_labels(
+            config.data.num_classes, sampling_config.num_classes_in_grid, sampling_config.per_class
+        )
+        rows = len(labels) // sampling_config.per_class
+    else:
+        labels = np.zeros(sampling_config.num_unconditional, np.int32)
+        rows = int(np.sqrt(len(labels)))
+    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+    images = metrics.to_uint8(sampling.draw(sample_fn, params, rng, labels, mesh))
+    grid = metrics.image_grid(images, rows)
+    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        metrics.save_png(path, grid)
+        writer.write_image(step, "ema_samples", grid)
+        with open(os.path.join(workdir, "samples", "latest.json"), "w") as f:
+            json.dump({"step": step, "path": path, "labels": labels.tolist()}, f)
+    return path
+
+
+__all__ = ["NonFiniteError", "train_and_evaluate"]
