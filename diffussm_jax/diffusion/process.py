@@ -68,12 +68,6 @@ class Diffusion:
         """N, the number of steps of this (possibly respaced) chain."""
         return int(self.betas.shape[0])
 
-    @property
-    def is_respaced(self) -> bool:
-        return self.num_timesteps != self.original_num_timesteps or not np.array_equal(
-            self.timestep_map, np.arange(self.original_num_timesteps)
-        )
-
 
 def from_betas(
     betas: np.ndarray,

@@ -98,6 +98,10 @@ def spacing_for(sampler: str, steps: int | str) -> str:
     return str(int(steps))
 
 
+# The loops below take `call_model(x, index)` (index: scalar step of `chain`, mapped to the original
+# scale by the caller) and the initial x (B, H, W, C) float32, and return the final x.
+
+
 def _ddpm_loop(chain, call_model, x, loop_key, constrain, clip_denoised):
     num_steps = chain.num_timesteps
 
@@ -138,8 +142,8 @@ def _ddim_loop(chain, call_model, x, loop_key, constrain, clip_denoised, eta):
         )
         direction = jnp.sqrt(jnp.maximum(1.0 - alpha_bar_prev - sigma**2, 0.0))
         noise = jax.random.normal(jax.random.fold_in(loop_key, step), x.shape, x.dtype)
-        x = jnp.sqrt(alpha_bar_prev) * x0 + direction * eps + sigma * constrain(noise)
-        return constrain(x.astype(jnp.float32))
+        x_next = jnp.sqrt(alpha_bar_prev) * x0 + direction * eps + sigma * constrain(noise)
+        return constrain(x_next.astype(x.dtype))
 
     return jax.lax.fori_loop(0, num_steps, body, x)
 
@@ -205,8 +209,8 @@ def _dpm_solver_2m_loop(chain, call_model, x, constrain, clip_denoised):
             coefficients["weight_current"][step] * x0
             + coefficients["weight_previous"][step] * previous_x0
         )
-        x = coefficients["x_scale"][step] * x + coefficients["d_scale"][step] * d
-        return constrain(x.astype(jnp.float32)), x0.astype(jnp.float32)
+        x_next = coefficients["x_scale"][step] * x + coefficients["d_scale"][step] * d
+        return constrain(x_next.astype(x.dtype)), x0.astype(x.dtype)
 
     x, _ = jax.lax.fori_loop(0, num_steps, body, (x, jnp.zeros_like(x)))
     return x
