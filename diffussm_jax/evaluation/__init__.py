@@ -1,0 +1,76 @@
+"""Sample-quality evaluation: ADM's metrics on Inception features, and an offline digits check.
+
+The FID protocol behind the paper's numbers (spec section 5; DiT's `sample_ddp.py` + ADM's
+`evaluations/evaluator.py`), exactly:
+
+  1. Samples: 50,000 images from the EMA weights. Class labels drawn uniformly at random from
+     the 1000 ImageNet classes. Sampler: ancestral DDPM on 250 respaced steps (of T = 1000,
+     evenly spaced, both ends included). "-G" rows: classifier-free guidance scale 1.5 (this
+     repo guides all latent channels by default; DiT guides the first 3 of 4, an option).
+     Latents are decoded by sd-vae-ft-ema after dividing by 0.18215.
+  2. uint8 conversion: round((x + 1) * 127.5) with halves up, clipped to [0, 255], i.e. DiT's
+     `clamp(127.5 * x + 128, 0, 255).to(uint8)` (`to_uint8`). Saved as an .npz whose `arr_0` is
+     uint8 (50000, 256, 256, 3) NHWC (`save_sample_batch`).
+  3. Evaluation: `python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz` (512px:
+     VIRTUAL_imagenet512.npz), ADM's TF1 Inception-V3 graph. It reports:
+       Inception Score  softmax over 1008 logits of the samples, 10 splits of 5000;
+       FID              pool_3 (2048-d) Frechet distance to the reference batch's `mu`/`sigma`;
+       sFID             mixed_6/conv first 7 channels (17 x 17 x 7 = 2023-d) vs `mu_s`/`sigma_s`;
+       Precision/Recall k=3 manifolds of pool_3 features, samples vs the reference's 10K images.
+
+This package holds those formulas as tested pure functions of the activations (`metrics`): they
+reproduce the evaluator's numbers once the activations come from the same Inception graph, which
+does not ship here. FID depends on N; report FID-50K only from 50,000 samples.
+
+Without Inception (CI, the embedded digits), `digits_quality` scores class-conditional digit
+samples with a small cached CNN: classification accuracy against the requested labels and a
+Frechet distance on its features, next to the same numbers for real held-out digits.
+"""
+
+from diffussm_jax.evaluation.digits import (
+    ClassifierConfig,
+    DigitClassifier,
+    DigitsEvaluator,
+    default_cache_path,
+    digits_quality,
+    load_or_train_classifier,
+    train_classifier,
+)
+from diffussm_jax.evaluation.metrics import (
+    ReferenceBatch,
+    adm_metrics,
+    feature_statistics,
+    fid,
+    frechet_distance,
+    inception_score,
+    load_reference_batch,
+    manifold_radii,
+    precision_recall,
+    save_sample_batch,
+    sfid,
+    sfid_features,
+    to_uint8,
+)
+
+__all__ = [
+    "ClassifierConfig",
+    "DigitClassifier",
+    "DigitsEvaluator",
+    "ReferenceBatch",
+    "adm_metrics",
+    "default_cache_path",
+    "digits_quality",
+    "feature_statistics",
+    "fid",
+    "frechet_distance",
+    "inception_score",
+    "load_or_train_classifier",
+    "load_reference_batch",
+    "manifold_radii",
+    "precision_recall",
+    "save_sample_batch",
+    "sfid",
+    "sfid_features",
+    "to_uint8",
+    "train_classifier",
+]

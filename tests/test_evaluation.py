@@ -1,0 +1,417 @@
+"""Evaluation tests: ADM's metrics against closed forms and brute-force float64 references, and
+the digits classifier end to end.
+
+The Frechet references use an eigendecomposition (tr sqrt(A^1/2 B A^1/2)) rather than the
+library's Schur-method sqrtm, and precision/recall are checked against full distance matrices,
+so a shared mistake is unlikely.
+"""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from flax import traverse_util
+from scipy import linalg, stats
+
+from diffussm_jax import data
+from diffussm_jax.evaluation import digits, metrics
+
+# ---------------------------------------------------------------------------------------------
+# Frechet distance
+
+
+def _random_features(seed, count, dim, scale=1.0, shift=0.0):
+    """Correlated Gaussian features: (count, dim) float64."""
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    return scale * rng.normal(size=(count, dim)) @ mixing + shift
+
+
+def _reference_frechet(mu1, sigma1, mu2, sigma2):
+    """Symmetric formulation: tr((S1 S2)^1/2) = sum sqrt(eig(S1^1/2 S2 S1^1/2))."""
+    eigenvalues, eigenvectors = linalg.eigh(sigma1)
+    root1 = eigenvectors @ np.diag(np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    inner = linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_root = np.sqrt(np.clip(inner, 0, None)).sum()
+    return np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root
+
+
+def test_feature_statistics_match_numpy():
+    features = _random_features(0, 50, 6)
+    mu, sigma = metrics.feature_statistics(features.astype(np.float32))
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-6)
+    # Unbiased (ddof=1) like ADM's np.cov.
+    centered = features - features.mean(0)
+    np.testing.assert_allclose(sigma, centered.T @ centered / 49, rtol=1e-5)
+
+
+def test_identical_sets_give_zero():
+    features = _random_features(1, 300, 16)
+    assert abs(metrics.fid(features, features)) < 1e-6
+    mu, sigma = metrics.feature_statistics(features)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_shifted_means_equal_covariances_give_squared_mean_distance():
+    features = _random_features(2, 400, 10)
+    mu, sigma = metrics.feature_statistics(features)
+    shift = np.random.default_rng(3).normal(size=10)
+    distance = metrics.frechet_distance(mu, sigma, mu + shift, sigma)
+    np.testing.assert_allclose(distance, np.sum(shift**2), rtol=1e-8)
+    # The same through the features: a shift moves the mean only.
+    np.testing.assert_allclose(metrics.fid(features + shift, features), np.sum(shift**2), rtol=1e-8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_frechet_matches_eigendecomposition_reference(seed):
+    first = _random_features(seed, 200, 12)
+    second = _random_features(seed + 10, 150, 12, scale=1.7, shift=0.3)
+    stats1 = metrics.feature_statistics(first)
+    stats2 = metrics.feature_statistics(second)
+    expected = _reference_frechet(*stats1, *stats2)
+    np.testing.assert_allclose(metrics.frechet_distance(*stats1, *stats2), expected, rtol=1e-9)
+    # Symmetric in its arguments.
+    np.testing.assert_allclose(metrics.frechet_distance(*stats2, *stats1), expected, rtol=1e-9)
+
+
+def test_frechet_singular_covariances_stay_finite():
+    # Fewer samples than dimensions, plus a dead (constant) feature: both covariances singular.
+    first = _random_features(4, 6, 20)
+    second = _random_features(5, 8, 20, shift=0.5)
+    first[:, 3] = second[:, 3] = 1.0
+    stats1, stats2 = metrics.feature_statistics(first), metrics.feature_statistics(second)
+    distance = metrics.frechet_distance(*stats1, *stats2)
+    assert np.isfinite(distance)
+    np.testing.assert_allclose(distance, _reference_frechet(*stats1, *stats2), rtol=1e-6)
+
+
+def test_frechet_falls_back_to_diagonal_offset(monkeypatch):
+    """Older scipy returns inf/nan roots for singular products; the eps offset must recover."""
+    first = _random_features(6, 5, 12)
+    second = _random_features(7, 5, 12)
+    stats1, stats2 = metrics.feature_statistics(first), metrics.feature_statistics(second)
+    true_sqrtm = linalg.sqrtm
+    calls = []
+
+    def failing_once(matrix):
+        calls.append(matrix)
+        return np.full_like(matrix, np.inf) if len(calls) == 1 else true_sqrtm(matrix)
+
+    monkeypatch.setattr(metrics.linalg, "sqrtm", failing_once)
+    with pytest.warns(RuntimeWarning, match="singular"):
+        distance = metrics.frechet_distance(*stats1, *stats2, eps=1e-6)
+    assert len(calls) == 2
+    # The retry roots (sigma1 + eps I)(sigma2 + eps I); the traces stay those of the inputs.
+    offset = 1e-6 * np.eye(12)
+    np.testing.assert_allclose(calls[1], (stats1[1] + offset) @ (stats2[1] + offset))
+    with_offset = _reference_frechet(stats1[0], stats1[1] + offset, stats2[0], stats2[1] + offset)
+    np.testing.assert_allclose(distance, with_offset - 2 * np.trace(offset), rtol=1e-9)
+    # The offset moves the distance by about sqrt(eps) per null direction only.
+    np.testing.assert_allclose(distance, _reference_frechet(*stats1, *stats2), atol=1e-2)
+
+
+def test_frechet_rejects_non_psd_and_mismatched_inputs():
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match="Imaginary component"):
+        metrics.frechet_distance(np.zeros(3), -eye, np.zeros(3), eye)
+    with pytest.raises(ValueError, match="differ"):
+        metrics.frechet_distance(np.zeros(3), eye, np.zeros(4), np.eye(4))
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.frechet_distance(np.full(3, np.nan), eye, np.zeros(3), eye)
+
+
+def test_sfid_uses_first_seven_channels_flattened():
+    rng = np.random.default_rng(8)
+    samples = rng.normal(size=(40, 3, 3, 10))
+    reference = rng.normal(size=(50, 3, 3, 10)) + 0.2
+    flat = metrics.sfid_features(samples)
+    np.testing.assert_array_equal(flat, samples[..., :7].reshape(40, 63))
+    expected = metrics.fid(flat, metrics.sfid_features(reference))
+    assert metrics.sfid(samples, reference) == pytest.approx(expected, rel=1e-12)
+    # Channels 7+ are ignored; channel 0 is not.
+    changed_tail, changed_head = samples.copy(), samples.copy()
+    changed_tail[..., 8] += 5.0
+    changed_head[..., 0] += 5.0
+    assert metrics.sfid(changed_tail, reference) == pytest.approx(expected, rel=1e-12)
+    assert metrics.sfid(changed_head, reference) > expected + 1.0
+    # Precomputed (mu_s, sigma_s) and already-flattened features give the same number.
+    ref_stats = metrics.feature_statistics(metrics.sfid_features(reference))
+    assert metrics.sfid(flat, ref_stats) == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def test_inception_score_uniform_predictions_is_one():
+    assert metrics.inception_score(np.full((200, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_confident_even_predictions_is_num_classes():
+    one_hot = np.eye(10)[np.arange(200) % 10]
+    assert metrics.inception_score(one_hot) == pytest.approx(10.0, rel=1e-12)
+    # Splits of 50 are each evenly spread too; all of one class per split scores 1.
+    assert metrics.inception_score(one_hot, split_size=50) == pytest.approx(10.0, rel=1e-12)
+    assert metrics.inception_score(np.eye(10)[np.arange(200) // 20], split_size=20) == (
+        pytest.approx(1.0, abs=1e-12)
+    )
+    # Logits of confident predictions.
+    assert metrics.inception_score(60.0 * one_hot, from_logits=True) == pytest.approx(10.0)
+
+
+def test_inception_score_matches_scipy_entropy_per_split():
+    rng = np.random.default_rng(9)
+    logits = rng.normal(scale=2.0, size=(37, 6))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = []
+    for begin in range(0, 37, 10):
+        part = probs[begin : begin + 10]
+        marginal = part.mean(0)
+        expected.append(np.exp(np.mean([stats.entropy(p, marginal) for p in part])))
+    expected = np.mean(expected)
+    assert metrics.inception_score(probs, split_size=10) == pytest.approx(expected, rel=1e-10)
+    assert metrics.inception_score(logits, from_logits=True, split_size=10) == pytest.approx(
+        expected, rel=1e-10
+    )
+    with pytest.raises(ValueError, match="from_logits"):
+        metrics.inception_score(logits, split_size=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision and recall
+
+
+def _brute_force_precision_recall(reference, samples, k=3):
+    def squared_distances(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    # Index k of the sorted row: the point itself is neighbour 0.
+    reference_radii = np.sort(squared_distances(reference, reference), axis=1)[:, k]
+    sample_radii = np.sort(squared_distances(samples, samples), axis=1)[:, k]
+    cross = squared_distances(samples, reference)  # (N, M)
+    precision = np.mean(np.any(cross <= reference_radii[None, :], axis=1))
+    recall = np.mean(np.any(cross <= sample_radii[:, None], axis=0))
+    return reference_radii, sample_radii, precision, recall
+
+
+def test_precision_recall_matches_brute_force_with_blocks():
+    rng = np.random.default_rng(10)
+    reference = rng.normal(size=(41, 5))
+    # Partly overlapping clouds, so both metrics lie strictly between 0 and 1.
+    samples = rng.normal(size=(33, 5)) + np.array([1.0, 0, 0, 0, 0])
+    ref_radii, sample_radii, precision, recall = _brute_force_precision_recall(reference, samples)
+    assert 0.1 < precision < 0.9 and 0.1 < recall < 0.9
+    # batch_size=7 forces several blocks, each with padding at the end.
+    np.testing.assert_allclose(
+        metrics.manifold_radii(reference, batch_size=7), ref_radii, rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        metrics.manifold_radii(samples, batch_size=7), sample_radii, rtol=1e-4
+    )
+    got = metrics.precision_recall(reference, samples, batch_size=7)
+    assert got == pytest.approx((precision, recall), abs=1e-12)
+    # One block gives the same answer.
+    assert metrics.precision_recall(reference, samples) == got
+
+
+def test_precision_recall_identical_and_disjoint_sets():
+    features = np.random.default_rng(11).normal(size=(60, 8))
+    assert metrics.precision_recall(features, features) == (1.0, 1.0)
+    assert metrics.precision_recall(features, features + 100.0) == (0.0, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and the FID protocol's uint8 conversion
+
+
+def test_reference_batch_loading(tmp_path):
+    rng = np.random.default_rng(12)
+    mu, sigma = rng.normal(size=4), np.eye(4)
+    images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    full = tmp_path / "full.npz"
+    np.savez(full, mu=mu, sigma=sigma, mu_s=mu[:2], sigma_s=np.eye(2), arr_0=images)
+    batch = metrics.load_reference_batch(full)
+    np.testing.assert_array_equal(batch.pool_statistics[0], mu)
+    np.testing.assert_array_equal(batch.spatial_statistics[1], np.eye(2))
+    np.testing.assert_array_equal(batch.images, images)
+    assert metrics.load_reference_batch(full, load_images=False).images is None
+
+    samples_only = tmp_path / "samples.npz"
+    metrics.save_sample_batch(samples_only, images, labels=np.arange(5))
+    batch = metrics.load_reference_batch(samples_only)
+    assert batch.pool_statistics is None and batch.spatial_statistics is None
+    np.testing.assert_array_equal(batch.images, images)
+    np.testing.assert_array_equal(np.load(samples_only)["arr_1"], np.arange(5))
+
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, other=np.zeros(3))
+    with pytest.raises(ValueError, match="neither"):
+        metrics.load_reference_batch(empty)
+    float_images = tmp_path / "float.npz"
+    np.savez(float_images, arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        metrics.load_reference_batch(float_images)
+
+
+def test_reference_batch_rejects_pickled_arrays(tmp_path):
+    pickled = tmp_path / "pickled.npz"
+    objects = np.empty(2, dtype=object)
+    objects[:] = [{"payload": 1}, None]
+    np.savez(pickled, mu=np.zeros(2), sigma=np.eye(2), arr_0=objects)
+    with pytest.raises(ValueError, match="pickled"):
+        metrics.load_reference_batch(pickled)
+
+
+def test_to_uint8_rounds_like_dit_and_inverts_the_data_pipeline():
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    # The pipeline's float32 map back to uint8 is exact.
+    np.testing.assert_array_equal(metrics.to_uint8(data.to_model_range(pixels)), pixels)
+    values = np.array([-1.5, -1.0, 0.0, 1.0, 2.0, 1 / 255.0 - 1.0 + 1e-9])
+    # 0 -> 127.5 rounds up to 128; out-of-range values clip; 0.5/127.5 - 1 rounds half up to 1.
+    np.testing.assert_array_equal(metrics.to_uint8(values), [0, 0, 128, 255, 255, 1])
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.to_uint8(np.array([np.nan]))
+
+
+def test_adm_metrics_combines_and_prefers_stored_statistics(tmp_path):
+    rng = np.random.default_rng(13)
+    sample_pool, reference_pool = rng.normal(size=(30, 6)), rng.normal(size=(40, 6)) + 0.3
+    sample_spatial, reference_spatial = (
+        rng.normal(size=(30, 2, 2, 8)),
+        rng.normal(size=(40, 2, 2, 8)),
+    )
+    predictions = rng.dirichlet(np.ones(5), size=30)
+    result = metrics.adm_metrics(
+        sample_pool=sample_pool,
+        sample_spatial=sample_spatial,
+        sample_predictions=predictions,
+        reference_pool=reference_pool,
+        reference_spatial=reference_spatial,
+    )
+    assert result == {
+        "inception_score": metrics.inception_score(predictions),
+        "fid": metrics.fid(sample_pool, reference_pool),
+        "sfid": metrics.sfid(sample_spatial, reference_spatial),
+        "precision": metrics.precision_recall(reference_pool, sample_pool)[0],
+        "recall": metrics.precision_recall(reference_pool, sample_pool)[1],
+    }
+    # As ADM: a reference file's mu/sigma (here of other features) replace the activations'.
+    other_pool, other_spatial = rng.normal(size=(50, 6)), rng.normal(size=(50, 28))
+    path = tmp_path / "ref.npz"
+    pool_stats = metrics.feature_statistics(other_pool)
+    spatial_stats = metrics.feature_statistics(other_spatial)
+    np.savez(
+        path, mu=pool_stats[0], sigma=pool_stats[1], mu_s=spatial_stats[0], sigma_s=spatial_stats[1]
+    )
+    stored = metrics.adm_metrics(
+        sample_pool=sample_pool,
+        sample_spatial=sample_spatial,
+        sample_predictions=predictions,
+        reference_pool=reference_pool,
+        reference_batch=metrics.load_reference_batch(path),
+    )
+    assert stored["fid"] == pytest.approx(metrics.fid(sample_pool, other_pool), rel=1e-12)
+    assert stored["sfid"] == pytest.approx(metrics.sfid(sample_spatial, other_spatial), rel=1e-12)
+    assert stored["precision"] == result["precision"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits classifier and digits_quality
+
+# Shorter than the default recipe (10 epochs) to keep CI fast; still above 95% held out.
+SHORT_RECIPE = digits.ClassifierConfig(num_epochs=5)
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("digits_cache") / digits.CACHE_FILENAME)
+
+
+@pytest.fixture(scope="module")
+def evaluator(classifier_cache):
+    return digits.load_or_train_classifier(classifier_cache, SHORT_RECIPE)
+
+
+def test_classifier_trains_and_caches(evaluator, classifier_cache):
+    assert evaluator.test_accuracy >= 0.95
+    params, test_accuracy = digits.load_classifier(classifier_cache, SHORT_RECIPE)
+    assert test_accuracy == evaluator.test_accuracy
+    loaded = traverse_util.flatten_dict(params)
+    for name, value in traverse_util.flatten_dict(evaluator.params).items():
+        np.testing.assert_array_equal(loaded[name], value)
+    # The file holds plain arrays only.
+    with np.load(classifier_cache, allow_pickle=False) as npz:
+        assert all(npz[name].dtype != object for name in npz.files)
+
+
+def test_cache_reuse_and_retraining(evaluator, classifier_cache, tmp_path, monkeypatch, caplog):
+    trained = []
+
+    def fake_train(config, data_dir=None):
+        trained.append(config)
+        return evaluator.params, 0.5
+
+    monkeypatch.setattr(digits, "train_classifier", fake_train)
+    # A valid cache is reused, with or without naming its recipe.
+    assert digits.load_or_train_classifier(classifier_cache, SHORT_RECIPE).test_accuracy == (
+        evaluator.test_accuracy
+    )
+    assert digits.load_or_train_classifier(classifier_cache).test_accuracy == (
+        evaluator.test_accuracy
+    )
+    assert not trained
+    # Corrupt files and another recipe retrain, say so, and rewrite the cache.
+    corrupt = tmp_path / "corrupt.npz"
+    for garbage in (b"not a zip file", open(classifier_cache, "rb").read()[:200]):
+        corrupt.write_bytes(garbage)
+        with caplog.at_level(logging.WARNING):
+            assert digits.load_or_train_classifier(corrupt).test_accuracy == 0.5
+        assert "retraining" in caplog.text
+        caplog.clear()
+        assert digits.load_classifier(str(corrupt))[1] == 0.5
+    copy = tmp_path / "copy.npz"
+    copy.write_bytes(open(classifier_cache, "rb").read())
+    other_recipe = digits.ClassifierConfig(seed=1)
+    assert digits.load_or_train_classifier(copy, other_recipe).test_accuracy == 0.5
+    assert trained == [digits.ClassifierConfig(), digits.ClassifierConfig(), other_recipe]
+    assert digits.load_classifier(str(copy), other_recipe)[1] == 0.5
+    # Missing file: train with the default recipe.
+    assert digits.load_or_train_classifier(tmp_path / "missing.npz").test_accuracy == 0.5
+    assert os.path.exists(tmp_path / "missing.npz")
+
+
+def test_digits_quality_separates_real_noise_and_wrong_labels(evaluator):
+    images, labels = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
+    real = evaluator.quality(images, labels)
+    assert real["accuracy"] == evaluator.test_accuracy >= 0.95
+    assert real["per_class_accuracy"].shape == (10,) and real["per_class_accuracy"].min() > 0.7
+    assert real["frechet_distance"] == pytest.approx(real["held_out_frechet_distance"])
+    # uint8 input scores the same as its float image.
+    as_uint8 = evaluator.quality(metrics.to_uint8(images), labels)
+    assert as_uint8["frechet_distance"] == pytest.approx(real["frechet_distance"], rel=1e-6)
+
+    noise = np.random.default_rng(14).uniform(-1, 1, images.shape)
+    noisy = evaluator.quality(noise, labels)
+    assert noisy["frechet_distance"] > 20 * real["frechet_distance"]
+
+    shuffled = evaluator.quality(images, np.random.default_rng(15).permutation(labels))
+    assert shuffled["accuracy"] < 0.25
+    # Same images, so the same distribution: only the accuracy sees the wrong labels.
+    assert shuffled["frechet_distance"] == pytest.approx(real["frechet_distance"], rel=1e-9)
+
+    # Real digits the classifier trained on sit at least as close to the training statistics.
+    train_images, train_labels = digits.load_digits(data.CLASSIFIER_TRAIN_SPLIT)
+    seen = evaluator.quality(train_images[:500], train_labels[:500])
+    assert seen["frechet_distance"] < 2 * real["frechet_distance"]
+
+
+def test_digits_quality_function_uses_the_cache(evaluator, classifier_cache):
+    images, labels = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
+    result = digits.digits_quality(images[:100], labels[:100], cache_path=classifier_cache)
+    assert result["classifier_test_accuracy"] == evaluator.test_accuracy
+    assert result["num_samples"] == 100 and np.isnan(result["per_class_accuracy"]).sum() == 0
+    with pytest.raises(ValueError, match="requested_labels"):
+        digits.digits_quality(images[:4], labels[:3], cache_path=classifier_cache)
+    with pytest.raises(ValueError, match="32, 32, 1"):
+        digits.digits_quality(images[:4, :28], labels[:4], cache_path=classifier_cache)
