@@ -215,6 +215,16 @@ def test_precision_recall_matches_brute_force_with_blocks():
     assert metrics.precision_recall(reference, samples) == got
 
 
+def test_precision_recall_counts_the_ball_boundary_as_inside():
+    # 1-D integers, exact in float32. Reference radii (k=3): 9 for 0 and 3, 4 for 1 and 2.
+    reference = np.array([[0.0], [1.0], [2.0], [3.0]])
+    # -3 lies exactly on the ball of 0; the others are far from everything.
+    samples = np.array([[-3.0], [10.0], [20.0], [30.0]])
+    # The ball of -3 (radius 33^2) holds every reference point.
+    assert metrics.precision_recall(reference, samples) == (0.25, 1.0)
+    assert metrics.precision_recall(samples, reference) == (1.0, 0.25)
+
+
 def test_precision_recall_identical_and_disjoint_sets():
     features = np.random.default_rng(11).normal(size=(60, 8))
     assert metrics.precision_recall(features, features) == (1.0, 1.0)
@@ -254,13 +264,15 @@ def test_reference_batch_loading(tmp_path):
         metrics.load_reference_batch(float_images)
 
 
-def test_reference_batch_rejects_pickled_arrays(tmp_path):
-    pickled = tmp_path / "pickled.npz"
+@pytest.mark.parametrize("key", ["arr_0", "mu"])
+def test_reference_batch_rejects_pickled_arrays(tmp_path, key):
     objects = np.empty(2, dtype=object)
     objects[:] = [{"payload": 1}, None]
-    np.savez(pickled, mu=np.zeros(2), sigma=np.eye(2), arr_0=objects)
-    with pytest.raises(ValueError, match="pickled"):
-        metrics.load_reference_batch(pickled)
+    arrays = {"mu": np.zeros(2), "sigma": np.eye(2), key: objects}
+    path = tmp_path / "reference.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        metrics.load_reference_batch(path)
 
 
 def test_to_uint8_rounds_like_dit_and_inverts_the_data_pipeline():
