@@ -1,17 +1,29 @@
-"""Diagonal state space layers (S4D) applied as long convolutions.
+"""Diagonal state space layers (S4D), with three interchangeable ways to apply them.
 
 The math is a set of pure functions of arrays, so it can be checked against float64 references:
 
-  s4d_eigenvalues      A's N/2 complex modes for the Lin / Inv / LegS initialisations
-  discretize_zoh       zero-order hold: (dt, A) -> (dA, dB)
-  s4d_kernel           K[h, l] = 2 Re sum_n C[h,n] dB[h,n] dA[h,n]^l, generated in chunks of l
-  fft_causal_conv      y = irfft(rfft(u, 2L) * rfft(K, 2L))[:L]   (zero padding: no wrap-around)
-  direct_causal_conv   the O(L^2) sum, for tests
-  s4d_recurrence       the SSM run as an RNN (sequential scan), for tests
+  s4d_eigenvalues       A's N/2 complex modes for the Lin / Inv / LegS initialisations
+  discretize_zoh        zero-order hold: (dt, A) -> (dA, dB)
+  vandermonde_kernel    K[h, l] = 2 Re sum_n C[h,n] dB[h,n] dA[h,n]^l by explicit powers (H, N/2, L)
+  s4d_kernel            the same K without the (H, N/2, L) tensor: powers factored into two short
+                        Vandermondes, so the sum over modes is a small matmul per channel
+  fft_causal_conv       y = irfft(rfft(u, n) * rfft(K, n))[:L], n >= 2L - 1 a fast FFT length
+  scan_causal_ssm       the recurrence x_l = dA x_{l-1} + dB u_l as a parallel associative scan
+  chunked_causal_ssm    chunks of T steps: a (T, T) Toeplitz matmul inside each chunk, the N/2
+                        complex state carried between chunks by matmuls and a scan over L/T chunks
+  causal_ssm            y = SSM(u) + D u with a selectable backend ("fft" | "scan" | "chunked")
+  bidirectional_ssm     [causal SSM(u), anti-causal SSM'(u)]; the fft backend shares one rfft(u)
+  direct_causal_conv    the O(L^2) sum, for tests
+  s4d_recurrence        the SSM run as an RNN (sequential scan), for tests
+
+All backends compute in float32/complex64 whatever the activation dtype (float64 inputs stay
+float64, for tests); only the chunked backend's matmul operands follow bfloat16 activations, with
+float32 accumulation. Costs per (example, position, channel): fft ~ a few log2(2L) flops in FFTs;
+scan ~ 6 N real flops, memory-bound over a (B, L, H, N/2) complex tensor; chunked T + 2N MACs, all
+in dense matmuls.
 
 `S4D` and `BidirectionalSSM` are thin Linen layers that own the parameters. The kernel
-depends only on the parameters, so it is generated once per call, not per example, and in
-float32/complex64 whatever the activation dtype.
+depends only on the parameters, so it is generated once per call, not per example.
 """
 
 from __future__ import annotations
@@ -26,10 +38,22 @@ import numpy as np
 
 InitName = Literal["lin", "inv", "legs"]
 INITS = ("lin", "inv", "legs")
+Backend = Literal["fft", "scan", "chunked"]
+BACKENDS = ("fft", "scan", "chunked")
 
-# Kernel generation works on (channels, N/2, chunk) complex64 blocks of at most this many
-# elements (16 MiB), so the (channels, N/2, L) tensor never exists at once.
-KERNEL_CHUNK_ELEMENTS = 1 << 21
+# s4d_kernel's power factors are (channels, N/2, ~sqrt(L)) complex64; channels are generated in
+# groups small enough that a factor holds at most this many elements (8 MiB).
+KERNEL_CHUNK_ELEMENTS = 1 << 20
+# The scan backend runs channel groups one after another so that its (B, L, group, N/2)
+# complex64 state holds at most this many elements (64 MiB per array of the scan).
+SCAN_STATE_ELEMENTS = 1 << 23
+# Chunk length T of the chunked backend: T MACs per element go to the Toeplitz matmul and 2N to
+# the state, and L/T chunks to the sequential part; 64 balances them for N = 64 (NOTES.md).
+DEFAULT_CHUNK_SIZE = 64
+
+# An SSM's parameters as the pure functions take them: log_dt (H,), a (H, N/2) complex,
+# c (H, N/2) complex, d (H,).
+SSMParams = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 # ----------------------------------------------------------------------------- initialisation
@@ -100,14 +124,59 @@ def discretize_zoh(dt: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array]:
     return da, (da - 1) / a
 
 
-def _kernel_block(log_da: jax.Array, cdb: jax.Array, positions: jax.Array) -> jax.Array:
-    """2 Re sum_n cdb[h,n] exp(log_da[h,n] * l) for l in positions -> (H, len(positions)).
+def _powers(log_da: jax.Array, exponents: jax.Array) -> jax.Array:
+    """dA^k = exp(k dt A) for k in exponents: (H, N/2), (K,) -> (H, N/2, K) complex.
 
-    Powers are taken as exp(l * dt A) rather than by repeated multiplication: it costs the
-    same here and does not accumulate rounding error over long sequences.
+    Taken as exponentials rather than by repeated multiplication: same cost here, and no
+    rounding error accumulated over long sequences.
     """
-    vandermonde = jnp.exp(log_da[:, :, None] * positions.astype(jnp.float32))
-    return 2 * jnp.einsum("hn,hnl->hl", cdb, vandermonde).real
+    return jnp.exp(log_da[:, :, None] * exponents.astype(log_da.real.dtype))
+
+
+def _real_and_imag(x: jax.Array, axis: int) -> jax.Array:
+    """Complex (..., K, ...) -> real (..., 2K, ...): [Re x, Im x] stacked along `axis`.
+
+    Products of complex numbers whose real part is wanted become one real matmul over the
+    doubled axis: Re(sum p q) = sum [Re p, -Im p] . [Re q, Im q].
+    """
+    return jnp.concatenate([x.real, x.imag], axis=axis)
+
+
+def vandermonde_kernel(log_dt: jax.Array, a: jax.Array, c: jax.Array, length: int) -> jax.Array:
+    """K[h, l] = 2 Re sum_n C dB dA^l, l < length, from the full (H, N/2, L) Vandermonde tensor.
+
+    (H,), (H, N/2), (H, N/2) -> (H, L). Memory O(H N L): the naive reference that `s4d_kernel`
+    avoids (1.2 GB at H=1152, N=64, L=4096); used directly only for short lengths.
+    """
+    dt = jnp.exp(log_dt)
+    _, db = discretize_zoh(dt, a)
+    powers = _powers(dt[:, None] * a, jnp.arange(length))
+    return 2 * jnp.einsum("hn,hnl->hl", c * db, powers).real
+
+
+def _group_size(channels: int, elements_per_channel: int, max_elements: int) -> int:
+    """Largest divisor g of `channels` with g * elements_per_channel <= max_elements, else 1."""
+    fitting = (
+        g
+        for g in range(channels, 0, -1)
+        if channels % g == 0 and g * elements_per_channel <= max_elements
+    )
+    return next(fitting, 1)
+
+
+def _over_channel_groups(fn, group: int, *args: jax.Array) -> jax.Array:
+    """fn on `group` channels at a time, one group after another, each group rematerialised.
+
+    args have the channels leading, (H, ...); so does the result. With `jax.checkpoint` the
+    backward pass recomputes one group's intermediates at a time instead of storing them all,
+    so memory is bounded by the group, not by H.
+    """
+    channels = args[0].shape[0]
+    if group >= channels:
+        return fn(*args)
+    grouped = [x.reshape(channels // group, group, *x.shape[1:]) for x in args]
+    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), grouped)
+    return out.reshape(channels, *out.shape[2:])
 
 
 def s4d_kernel(
@@ -125,32 +194,53 @@ def s4d_kernel(
       a: (H, N/2) complex, Re < 0.
       c: (H, N/2) complex.
       length: L, any positive int.
-      chunk_elements: bound on H * N/2 * chunk, the largest complex block alive at once.
+      chunk_elements: bound on the elements of the larger power factor, G * N/2 * ~sqrt(L),
+        for a group of G channels; groups are generated one after another.
 
     Returns:
       (H, L) float32 (float64 if the inputs are).
 
-    Generated in chunks of positions inside a scan whose body is rematerialised, so neither the
-    forward nor the backward pass holds an (H, N/2, L) complex tensor.
+    With l = j * block + t the powers factor as dA^l = dA^t dA^(j block), so
+
+        K[h, j block + t] = 2 Re sum_n (C dB dA^t)[h, n, t] (dA^(j block))[h, n, j],
+
+    a (block, N) x (N, L / block) real matmul per channel. With block ~ sqrt(L) the factors are
+    (H, N/2, ~sqrt(L)): the (H, N/2, L) tensor exists in neither the forward nor the backward
+    pass, and there are H N sqrt(L) complex exponentials instead of H N L / 2.
     """
-    dt = jnp.exp(log_dt)
-    _, db = discretize_zoh(dt, a)
-    log_da = dt[:, None] * a
-    cdb = c * db
     channels, half = a.shape
-    chunk = max(1, min(length, chunk_elements // max(1, channels * half)))
-    if chunk >= length:
-        return _kernel_block(log_da, cdb, jnp.arange(length))
-    num_chunks = -(-length // chunk)
-    starts = jnp.arange(num_chunks) * chunk
+    block = min(length, 1 << math.ceil(math.log2(math.sqrt(length))))
+    num_blocks = -(-length // block)
 
-    @jax.checkpoint
-    def body(carry, start):
-        return carry, _kernel_block(log_da, cdb, start + jnp.arange(chunk))
+    def factored(log_dt, a, c):  # (G,), (G, N/2), (G, N/2) -> (G, L)
+        dt = jnp.exp(log_dt)
+        _, db = discretize_zoh(dt, a)
+        log_da = dt[:, None] * a
+        inner = (c * db)[:, :, None] * _powers(log_da, jnp.arange(block))  # (G, N/2, block)
+        outer = _powers(log_da, jnp.arange(num_blocks) * block)  # (G, N/2, num_blocks)
+        inner = 2 * jnp.concatenate([inner.real, -inner.imag], axis=1)  # (G, N, block)
+        kernel = jnp.einsum("gkt,gkj->gjt", inner, _real_and_imag(outer, axis=1))
+        return kernel.reshape(log_dt.shape[0], num_blocks * block)[:, :length]
 
-    _, blocks = jax.lax.scan(body, None, starts)  # (num_chunks, H, chunk)
-    kernel = jnp.moveaxis(blocks, 0, 1).reshape(channels, num_chunks * chunk)
-    return kernel[:, :length]
+    group = _group_size(channels, half * max(block, num_blocks), chunk_elements)
+    return _over_channel_groups(factored, group, log_dt, a, c)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def fft_size(min_length: int) -> int:
+    """Smallest n >= min_length of the form 2^k, 3 * 2^k or 5 * 2^k.
+
+    FFT time depends on the length's prime factors: on XLA:CPU (ducc) 2048 runs ~2x faster than
+    2025 = 3^4 5^2 and ~2.4x faster than 2047 = 23 * 89 (NOTES.md); 3 * 2^k and 5 * 2^k stay
+    close to 2^k per element and bound the padding at 1.33x instead of 2x.
+    """
+    best = 1 << max(0, math.ceil(math.log2(max(1, min_length))))
+    for factor in (3, 5):
+        power = max(0, math.ceil(math.log2(max(1, min_length) / factor)))
+        best = min(best, factor << power)
+    return best
 
 
 def fft_causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -161,16 +251,195 @@ def fft_causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
       kernel: (H, L).
 
     Returns:
-      (B, L, H) in the promoted float dtype. Zero padding to 2L keeps it causal: the circular
-      convolution of length 2L has no wrap-around for sequences of length L.
+      (B, L, H) in the promoted float dtype. Zero padding to n >= 2L - 1 keeps it causal: the
+      circular convolution of length n has no wrap-around for sequences of length L.
+
+    XLA's FFT transforms the last axis, so the time axis is moved there once and back once
+    (jnp.fft on axis 1 would transpose around each of the three transforms).
     """
     length = u.shape[1]
-    n_fft = 2 * length
+    n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u_f = jnp.fft.rfft(u.astype(dtype), n=n_fft, axis=1)
-    k_f = jnp.fft.rfft(kernel.astype(dtype), n=n_fft, axis=1)
-    y = jnp.fft.irfft(u_f * k_f.T[None], n=n_fft, axis=1)
+    u_f = jnp.fft.rfft(jnp.swapaxes(u.astype(dtype), 1, 2), n=n_fft)  # (B, H, F)
+    k_f = jnp.fft.rfft(kernel.astype(dtype), n=n_fft)  # (H, F)
+    y = jnp.fft.irfft(u_f * k_f, n=n_fft)[..., :length]
+    return jnp.swapaxes(y, 1, 2)
+
+
+def _combine_linear_recurrences(first, second):
+    """Composes x -> a1 x + b1 then x -> a2 x + b2 into x -> (a1 a2) x + (a2 b1 + b2)."""
+    a1, b1 = first
+    a2, b2 = second
+    return a1 * a2, a2 * b1 + b2
+
+
+def scan_causal_ssm(
+    u: jax.Array,
+    log_dt: jax.Array,
+    a: jax.Array,
+    c: jax.Array,
+    *,
+    state_elements: int = SCAN_STATE_ELEMENTS,
+) -> jax.Array:
+    """The recurrence x_l = dA x_{l-1} + dB u_l, y_l = 2 Re(C x_l), as an associative scan.
+
+    Args:
+      u: (B, L, H).
+      log_dt: (H,); a, c: (H, N/2) complex.
+      state_elements: bound on G * B * L * N/2, the complex state of a group of G channels.
+
+    Returns:
+      (B, L, H) float32 (float64 for float64 inputs), without the D skip.
+
+    No FFT and no kernel, but the whole (B, L, H, N/2) complex state is materialised, and
+    in the backward pass too: 8 B L H N / 2 bytes, e.g. 2.4 GB per direction at B=1, L=16384,
+    H=1152, N=64. Channel groups therefore run one after another, each rematerialised, which
+    bounds memory by `state_elements` instead.
+    """
+    batch, length, channels = u.shape
+    half = a.shape[1]
+    dtype = jnp.promote_types(u.dtype, jnp.float32)
+    da, db = discretize_zoh(jnp.exp(log_dt), a)
+
+    def run(u, da, db, c):  # (G, B, L), (G, N/2) x 3 -> (G, B, L)
+        inputs = db[:, None, None, :] * u[..., None]  # (G, B, L, N/2)
+        decays = jnp.broadcast_to(da[:, None, None, :], inputs.shape)
+        _, states = jax.lax.associative_scan(_combine_linear_recurrences, (decays, inputs), axis=2)
+        return 2 * jnp.einsum("gn,gbln->gbl", c, states).real
+
+    group = _group_size(channels, batch * length * half, state_elements)
+    y = _over_channel_groups(run, group, jnp.moveaxis(u.astype(dtype), 2, 0), da, db, c)
+    return jnp.moveaxis(y, 0, 2)
+
+
+def chunked_causal_ssm(
+    u: jax.Array,
+    log_dt: jax.Array,
+    a: jax.Array,
+    c: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """The SSM as dense matmuls over chunks of T = chunk_size steps.
+
+    Args:
+      u: (B, L, H); any L (the last chunk is zero-padded, which causality makes harmless).
+      log_dt: (H,); a, c: (H, N/2) complex.
+      chunk_size: T.
+
+    Returns:
+      (B, L, H) float32 (float64 for float64 inputs), without the D skip.
+
+    With chunks of T steps, state s_j at the end of chunk j, and t, r < T positions in a chunk:
+      inside    y[jT + t] += sum_{r<=t} K[t - r] u[jT + r]   (H, T, T) Toeplitz of K[:T]
+      to state  e_j = sum_r dA^(T-1-r) dB u[jT + r]          (H, N/2, T) matrix
+      carry     s_j = dA^T s_{j-1} + e_j                     a scan over the L/T chunks
+      readout   y[jT + t] += 2 Re sum_n C dA^(t+1) s_{j-1}   (H, T, N/2) matrix
+    Everything but the (B, L/T, H, N/2) carry is a matmul batched over channels; the data is
+    laid out channel-major (H, B, L/T, T) once so that the channel is every matmul's batch axis.
+    bfloat16 inputs give bfloat16 matmul operands (for the accelerators' matrix units); the state
+    and its scan stay complex64.
+    """
+    batch, length, channels = u.shape
+    half = a.shape[1]
+    dtype = jnp.promote_types(u.dtype, jnp.float32)
+    operand_dtype = u.dtype if u.dtype == jnp.bfloat16 else dtype
+    size = min(chunk_size, length)
+    num_chunks = -(-length // size)
+
+    dt = jnp.exp(log_dt)
+    da, db = discretize_zoh(dt, a)
+    log_da = dt[:, None] * a
+    steps = jnp.arange(size)
+    powers = _powers(log_da, steps)  # (H, N/2, T): dA^t
+    taps = 2 * jnp.einsum("hn,hnt->ht", c * db, powers).real  # K[0..T-1], (H, T)
+    lags = steps[:, None] - steps[None, :]
+    toeplitz = jnp.where(lags >= 0, taps[:, jnp.clip(lags, 0, None)], 0)  # (H, T, T): [h, t, r]
+    to_state = _real_and_imag(db[:, :, None] * powers[:, :, ::-1], axis=1)  # (H, N, T)
+    readout = c[:, :, None] * da[:, :, None] * powers  # (H, N/2, T): C dA^(t+1)
+    readout = 2 * jnp.concatenate([readout.real, -readout.imag], axis=1)  # (H, N, T)
+
+    u = jnp.pad(u.astype(operand_dtype), ((0, 0), (0, num_chunks * size - length), (0, 0)))
+    u = u.reshape(batch, num_chunks, size, channels).transpose(3, 0, 1, 2)  # (H, B, chunks, T)
+
+    def matmul(equation, x, y):
+        # Not preferred_element_type=float32: XLA:CPU has no bf16 x bf16 -> f32 dot. Accelerators
+        # accumulate bf16 dots in float32 anyway; only the result is rounded to bf16.
+        return jnp.einsum(equation, x.astype(operand_dtype), y.astype(operand_dtype)).astype(dtype)
+
+    ends = matmul("hbcr,hkr->chbk", u, to_state)  # (chunks, H, B, N)
+    ends = ends[..., :half] + 1j * ends[..., half:]
+    decay = jnp.exp(log_da * size)[:, None, :]  # dA^T, (H, 1, N/2)
+
+    def carry(entering, end):  # (H, B, N/2) state entering a chunk, and leaving it
+        return decay * entering + end, entering
+
+    # A sequential scan over the L/T chunks: its backward pass stores one state per chunk, where
+    # an associative scan would store log2(L/T) levels of them (2x the temp memory at L=4096).
+    _, entering = jax.lax.scan(carry, jnp.zeros_like(ends[0]), ends)  # (chunks, H, B, N/2)
+    y = matmul("hbcr,htr->hbct", u, toeplitz)
+    y = y + matmul("chbk,hkt->hbct", _real_and_imag(entering, axis=-1), readout)
+    y = y.transpose(1, 2, 3, 0).reshape(batch, num_chunks * size, channels)
     return y[:, :length]
+
+
+def causal_ssm(
+    u: jax.Array,
+    params: SSMParams,
+    *,
+    backend: Backend = "fft",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """y = SSM(u) + D u, causal along axis 1. u (B, L, H) -> (B, L, H) float32 (or float64).
+
+    params = (log_dt (H,), a (H, N/2), c (H, N/2), d (H,)); `backend` picks how (module doc).
+    """
+    log_dt, a, c, d = params
+    if backend == "fft":
+        y = fft_causal_conv(u, s4d_kernel(log_dt, a, c, u.shape[1]))
+    elif backend == "scan":
+        y = scan_causal_ssm(u, log_dt, a, c)
+    elif backend == "chunked":
+        y = chunked_causal_ssm(u, log_dt, a, c, chunk_size=chunk_size)
+    else:
+        raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
+    return y + d * u.astype(y.dtype)
+
+
+def bidirectional_ssm(
+    u: jax.Array,
+    forward: SSMParams,
+    backward: SSMParams,
+    *,
+    backend: Backend = "fft",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """[SSM_fwd(u), flip(SSM_bwd(flip(u)))] along the channels: (B, L, H) -> (B, L, 2H).
+
+    The first H outputs at position l depend on u[:l+1], the last H on u[l:]. With the fft
+    backend the anti-causal half is a cross-correlation, irfft(U conj(K_bwd)), so both halves
+    share one rfft of u, need no flips, and come out of one irfft already concatenated.
+    """
+    if backend != "fft":
+        kw = dict(backend=backend, chunk_size=chunk_size)
+        anti = jnp.flip(causal_ssm(jnp.flip(u, 1), backward, **kw), 1)
+        return jnp.concatenate([causal_ssm(u, forward, **kw), anti], axis=-1)
+    batch, length, channels = u.shape
+    n_fft = fft_size(2 * length - 1)
+    dtype = jnp.promote_types(u.dtype, jnp.float32)
+    u = u.astype(dtype)
+    u_f = jnp.fft.rfft(jnp.swapaxes(u, 1, 2), n=n_fft)  # (B, H, F)
+    k_fwd = jnp.fft.rfft(s4d_kernel(*forward[:3], length).astype(dtype), n=n_fft)
+    k_bwd = jnp.fft.rfft(s4d_kernel(*backward[:3], length).astype(dtype), n=n_fft)
+    # Circular correlation sum_j K[j] u[l + j mod n] has no wrap-around for l, j < L <= n - L + 1.
+    kernels_f = jnp.stack([k_fwd, jnp.conj(k_bwd)])  # (2, H, F)
+    y = jnp.fft.irfft(u_f[:, None] * kernels_f, n=n_fft)[..., :length]  # (B, 2, H, L)
+    y = y.reshape(batch, 2 * channels, length).swapaxes(1, 2)
+    d = jnp.concatenate([forward[3], backward[3]]).astype(dtype)
+    return y + d * jnp.concatenate([u, u], axis=-1)
+
+
+# ----------------------------------------------------------------------------- references
 
 
 def direct_causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -208,7 +477,7 @@ class S4DModule(nn.Module):
     Build it with `S4D(features, init=...)`: Linen reserves the attribute name `init` for its
     method, so the field here is `ssm_init`.
 
-    (B, L, H) -> (B, L, H); any L at call time. The kernel and the FFT run in float32; the
+    (B, L, H) -> (B, L, H); any L at call time. The SSM runs in float32 (see `backend`); the
     output has the input's dtype (so bfloat16 activations stay bfloat16).
 
     Parameters (all float32, logical axes in brackets):
@@ -216,6 +485,9 @@ class S4DModule(nn.Module):
       c (H, N/2, 2) [ssm, state, -] real and imaginary parts, d (H,) [ssm].
     log_dt, log_a_real and a_imag are the "dynamics"; training gives them their own
     optimizer group (see `SSM_DYNAMICS_PARAMS`).
+
+    backend: "fft" (kernel + FFT convolution), "scan" (associative scan of the recurrence) or
+    "chunked" (chunk_size-step Toeplitz and state matmuls); same parameters, same function.
     """
 
     features: int
@@ -223,22 +495,21 @@ class S4DModule(nn.Module):
     ssm_init: InitName = "lin"
     dt_min: float = 0.001
     dt_max: float = 0.1
+    backend: Backend = "fft"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
-    @nn.compact
-    def __call__(self, u: jax.Array) -> jax.Array:
-        if u.ndim != 3 or u.shape[-1] != self.features:
-            raise ValueError(
-                f"S4D(features={self.features}) expects (B, L, {self.features}), got {u.shape}."
-            )
+    def setup(self) -> None:
+        # Parameters live in setup so that `BidirectionalSSMModule` can read both directions'
+        # parameters (`ssm_params`) and fuse their FFTs.
         half = self.state_size // 2
         eig = s4d_eigenvalues(self.state_size, self.ssm_init)
         axes = ("ssm", "state")
-        log_dt = self.param(
+        self.log_dt = self.param(
             "log_dt",
             nn.with_logical_partitioning(log_dt_init(self.dt_min, self.dt_max), ("ssm",)),
             (self.features,),
         )
-        log_a_real = self.param(
+        self.log_a_real = self.param(
             "log_a_real",
             nn.with_logical_partitioning(
                 lambda _, shape: jnp.broadcast_to(jnp.log(-eig.real), shape).astype(jnp.float32),
@@ -246,7 +517,7 @@ class S4DModule(nn.Module):
             ),
             (self.features, half),
         )
-        a_imag = self.param(
+        self.a_imag = self.param(
             "a_imag",
             nn.with_logical_partitioning(
                 lambda _, shape: jnp.broadcast_to(eig.imag, shape).astype(jnp.float32), axes
@@ -254,20 +525,29 @@ class S4DModule(nn.Module):
             (self.features, half),
         )
         # Variance 0.5 per real / imaginary part: complex C with unit variance.
-        c_ri = self.param(
+        self.c_ri = self.param(
             "c",
             nn.with_logical_partitioning(nn.initializers.normal(math.sqrt(0.5)), (*axes, None)),
             (self.features, half, 2),
         )
-        d = self.param(
+        self.d = self.param(
             "d",
             nn.with_logical_partitioning(nn.initializers.ones_init(), ("ssm",)),
             (self.features,),
         )
-        a = -jnp.exp(log_a_real) + 1j * a_imag
-        c = c_ri[..., 0] + 1j * c_ri[..., 1]
-        kernel = s4d_kernel(log_dt, a, c, u.shape[1])
-        y = fft_causal_conv(u, kernel) + d * u.astype(jnp.float32)
+
+    def ssm_params(self) -> SSMParams:
+        """(log_dt (H,), a (H, N/2) complex64, c (H, N/2) complex64, d (H,))."""
+        a = -jnp.exp(self.log_a_real) + 1j * self.a_imag
+        c = self.c_ri[..., 0] + 1j * self.c_ri[..., 1]
+        return self.log_dt, a, c, self.d
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        if u.ndim != 3 or u.shape[-1] != self.features:
+            raise ValueError(
+                f"S4D(features={self.features}) expects (B, L, {self.features}), got {u.shape}."
+            )
+        y = causal_ssm(u, self.ssm_params(), backend=self.backend, chunk_size=self.chunk_size)
         return y.astype(u.dtype)
 
 
@@ -278,7 +558,7 @@ class BidirectionalSSMModule(nn.Module):
     """(B, L, H) -> (B, L, 2H): [causal S4D(u), flip(S4D'(flip(u)))] with independent parameters.
 
     The first H channels at position l depend only on u[:l+1], the last H only on u[l:].
-    Build it with `BidirectionalSSM(features, init=...)`.
+    Build it with `BidirectionalSSM(features, init=...)`; `backend` as in `S4DModule`.
     """
 
     features: int
@@ -286,18 +566,35 @@ class BidirectionalSSMModule(nn.Module):
     ssm_init: InitName = "lin"
     dt_min: float = 0.001
     dt_max: float = 0.1
+    backend: Backend = "fft"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
-    @nn.compact
-    def __call__(self, u: jax.Array) -> jax.Array:
+    def setup(self) -> None:
         kw = dict(
             state_size=self.state_size,
             ssm_init=self.ssm_init,
             dt_min=self.dt_min,
             dt_max=self.dt_max,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
         )
-        forward = S4DModule(self.features, name="forward", **kw)(u)
-        backward = jnp.flip(S4DModule(self.features, name="backward", **kw)(jnp.flip(u, 1)), 1)
-        return jnp.concatenate([forward, backward], axis=-1)
+        self.forward = S4DModule(self.features, **kw)
+        self.backward = S4DModule(self.features, **kw)
+
+    def __call__(self, u: jax.Array) -> jax.Array:
+        if u.ndim != 3 or u.shape[-1] != self.features:
+            raise ValueError(
+                f"BidirectionalSSM(features={self.features}) expects (B, L, {self.features}), "
+                f"got {u.shape}."
+            )
+        y = bidirectional_ssm(
+            u,
+            self.forward.ssm_params(),
+            self.backward.ssm_params(),
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+        )
+        return y.astype(u.dtype)
 
 
 def S4D(
@@ -306,10 +603,11 @@ def S4D(
     init: InitName = "lin",
     dt_min: float = 0.001,
     dt_max: float = 0.1,
+    backend: Backend = "fft",
     **module_kwargs,
 ) -> S4DModule:
     """Causal S4D layer (B, L, H) -> (B, L, H); see `S4DModule`."""
-    return S4DModule(features, state_size, init, dt_min, dt_max, **module_kwargs)
+    return S4DModule(features, state_size, init, dt_min, dt_max, backend=backend, **module_kwargs)
 
 
 def BidirectionalSSM(
@@ -318,7 +616,10 @@ def BidirectionalSSM(
     init: InitName = "lin",
     dt_min: float = 0.001,
     dt_max: float = 0.1,
+    backend: Backend = "fft",
     **module_kwargs,
 ) -> BidirectionalSSMModule:
     """Bidirectional S4D layer (B, L, H) -> (B, L, 2H); see `BidirectionalSSMModule`."""
-    return BidirectionalSSMModule(features, state_size, init, dt_min, dt_max, **module_kwargs)
+    return BidirectionalSSMModule(
+        features, state_size, init, dt_min, dt_max, backend=backend, **module_kwargs
+    )
