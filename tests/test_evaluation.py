@@ -427,3 +427,13 @@ def test_digits_quality_function_uses_the_cache(evaluator, classifier_cache):
         digits.digits_quality(images[:4], labels[:3], cache_path=classifier_cache)
     with pytest.raises(ValueError, match="32, 32, 1"):
         digits.digits_quality(images[:4, :28], labels[:4], cache_path=classifier_cache)
+
+
+def test_classifier_training_is_deterministic():
+    tiny_recipe = digits.ClassifierConfig(num_epochs=1, batch_size=512, seed=3)
+    first, first_accuracy = digits.train_classifier(tiny_recipe)
+    second, second_accuracy = digits.train_classifier(tiny_recipe)
+    assert first_accuracy == second_accuracy
+    flat_second = traverse_util.flatten_dict(second)
+    for name, value in traverse_util.flatten_dict(first).items():
+        np.testing.assert_array_equal(flat_second[name], value)
