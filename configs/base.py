@@ -6,22 +6,28 @@ field that does not exist (a typo) is an error rather than a silent new field.
 
 import ml_collections
 
-# Model constructor fields that configs and the command line may override. None = the registry's
-# value for the named model (see diffussm_jax.models).
-MODEL_OVERRIDE_FIELDS = (
-    "hidden_size",
-    "depth",
-    "hourglass_ratio",
-    "state_size",
-    "ssm_init",
-    "dt_min",
-    "dt_max",
-    "activation",
-    "num_heads",
-    "class_dropout_prob",
-    "learned_pos_embed",
-    "ssm_backend",
-)
+
+def optional(kind: type, default=None) -> ml_collections.FieldReference:
+    """A field that may be unset (None) yet takes `--config.x=...` of type `kind`."""
+    return ml_collections.FieldReference(default, field_type=kind)
+
+
+# Model constructor fields that configs and the command line may override, with their types.
+# Unset (None) = the registry's value for the named model (see diffussm_jax.models).
+MODEL_OVERRIDE_FIELDS = {
+    "hidden_size": int,
+    "depth": int,
+    "hourglass_ratio": int,
+    "state_size": int,
+    "ssm_init": str,
+    "dt_min": float,
+    "dt_max": float,
+    "activation": str,
+    "num_heads": int,
+    "class_dropout_prob": float,
+    "learned_pos_embed": bool,
+    "ssm_backend": str,
+}
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -30,7 +36,9 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # Model: a registry name plus overrides of single constructor fields.
     config.model = "DiffuSSM-XL"
-    config.model_overrides = ml_collections.ConfigDict({k: None for k in MODEL_OVERRIDE_FIELDS})
+    config.model_overrides = ml_collections.ConfigDict(
+        {name: optional(kind) for name, kind in MODEL_OVERRIDE_FIELDS.items()}
+    )
     config.learn_sigma = True
     config.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
     config.remat = False
@@ -39,16 +47,16 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Data (a tfds array_record dataset read by grain; see diffussm_jax.data).
     config.data = ml_collections.ConfigDict()
     config.data.name = "embedded_digits"
-    config.data.data_dir = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    config.data.data_dir = optional(str)  # unset: $TFDS_DATA_DIR or ~/tensorflow_datasets
     config.data.split = "train"
     config.data.image_key = "image"
-    config.data.label_key = "label"  # None for unconditional data
+    config.data.label_key = optional(str, "label")  # unset for unconditional data
     config.data.image_size = 32  # H = W of what the model sees (latent size for latents)
     config.data.channels = 1
     config.data.num_classes = 10  # 0: unconditional
     config.data.random_flip = False
-    config.data.center_crop = None  # ADM center crop of raw images to this size
-    config.data.latent_scale = None  # e.g. 0.18215 for Stable Diffusion latents
+    config.data.center_crop = optional(int)  # ADM center crop of raw images to this size
+    config.data.latent_scale = optional(float)  # e.g. 0.18215 for Stable Diffusion latents
     config.data.worker_count = 0
 
     # Diffusion (spec section 5).
@@ -65,8 +73,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.weight_decay = 0.0
     config.adam_b1 = 0.9
     config.adam_b2 = 0.999
-    config.grad_clip_norm = None  # e.g. 1.0
-    config.ssm_learning_rate = None  # SSM dynamics (log_dt, A); None: same as learning_rate
+    config.grad_clip_norm = optional(float)  # e.g. 1.0
+    config.ssm_learning_rate = optional(float)  # SSM dynamics (log_dt, A); unset: learning_rate
     config.ema_decay = 0.9999
     config.grad_accum_steps = 1
     config.nonfinite = "skip"  # "skip" the update or "stop" training on a NaN/Inf loss or grad
@@ -82,13 +90,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.log_every_steps = 100
     config.checkpoint_every_steps = 5_000
     config.keep_checkpoints = 3
-    config.sample_every_steps = 10_000
+    config.sample_every_steps = 10_000  # 0: no sample grids
 
     # Sampling during training (EMA params) and defaults for launch/sample.py.
     config.sampling = ml_collections.ConfigDict()
     config.sampling.sampler = "ddpm"
     config.sampling.steps = 250
-    config.sampling.cfg_scale = 1.5
+    config.sampling.cfg_scale = optional(float, 1.5)  # unset: no guidance
     config.sampling.per_class = 4  # grid: one row per class (conditional models)
     config.sampling.num_classes_in_grid = 10
     config.sampling.num_unconditional = 16

@@ -68,7 +68,7 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
             return optax.linear_schedule(0.0, lr, config.warmup_steps)
         return lr
 
-    ssm_lr = config.ssm_learning_rate or config.learning_rate
+    ssm_lr = config.learning_rate if config.ssm_learning_rate is None else config.ssm_learning_rate
     betas = dict(b1=config.adam_b1, b2=config.adam_b2)
     groups = optax.multi_transform(
         {

@@ -99,7 +99,7 @@ def train_step(
         grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
         stats = {k: v if k in sums else v / grad_accum_steps for k, v in stats.items()}
 
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -117,7 +117,7 @@ def train_step(
     metrics = {
         **stats,
         "grad_norm": grad_norm,
-        "param_norm": optax.global_norm(new_state.params),
+        "param_norm": optax.tree.norm(new_state.params),
         "nonfinite": (~finite).astype(jnp.int32),
     }
     return new_state, metrics

@@ -207,7 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                         step,
                     )
                 writer.write(step, {**scalars, **rates})
-            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+            if config.sample_every_steps and (
+                step % config.sample_every_steps == 0 or step == config.num_train_steps
+            ):
                 sample_fn = sample_fn or sampling.make_sample_fn(
                     model,
                     diffusion,

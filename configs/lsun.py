@@ -1,0 +1,34 @@
+"""Unconditional LSUN Church / Bedroom 256x256 in the latent space of the KL-f8 VAE.
+
+    python -m launch.train --config=configs/lsun.py:category=church_outdoor --workdir=$WORKDIR
+    python -m launch.train --config=configs/lsun.py:category=bedroom --workdir=$WORKDIR
+
+Needs the "lsun_<category>_latents_256" latent dataset (latent extraction, not built yet). The
+paper reports about 3.9 / 3.0 FID (church / bedroom). Not yet run: no time or result measured.
+"""
+
+from configs import base
+
+CATEGORIES = ("church_outdoor", "bedroom")
+
+
+def get_config(arg: str | None = None):
+    args = base.parse_arg(arg, model="DiffuSSM-XL", category="church_outdoor", batch=256)
+    if args.category not in CATEGORIES:
+        raise ValueError(f"unknown LSUN category {args.category!r}; choose one of {CATEGORIES}.")
+    config = base.get_base_config()
+    config.model = args.model
+    config.remat = True
+    config.data.name = f"lsun_{args.category}_latents_256"
+    config.data.image_key = "latent"
+    config.data.label_key = None
+    config.data.image_size = 32
+    config.data.channels = 4
+    config.data.num_classes = 0
+    config.data.latent_scale = 0.18215
+    config.global_batch_size = args.batch
+    config.num_train_steps = 500_000
+    config.sampling.cfg_scale = None
+    config.sampling.num_unconditional = 16
+    config.lock()
+    return config

@@ -1,0 +1,123 @@
+"""Sample a trained run: restore the newest checkpoint of a workdir and write an ADM-style .npz.
+
+The .npz holds `arr_0` (N, H, W, C) uint8 (round((x + 1) * 127.5), clipped) and `arr_1` (N,)
+int labels; a PNG grid of the first samples is written beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train_state, trainer
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with (`<workdir>/config.json`)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} not found: --workdir must be a directory written by launch.train."
+        )
+    with open(path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.lock()
+    return config
+
+
+def restore_ema_params(workdir: str, config: ml_collections.ConfigDict, mesh):
+    """(model, EMA params, step) from the newest checkpoint in `workdir`."""
+    model = train_state.build_model(config)
+    tx = train_state.create_optimizer(config)
+    abstract, _ = train_state.abstract_train_state(config, model, tx, mesh)
+    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    try:
+        state, step = checkpointer.restore(abstract)
+    finally:
+        checkpointer.close()
+    return model, state.ema_params, step
+
+
+def sample_to_npz(
+    workdir: str,
+    output: str,
+    *,
+    num_samples: int,
+    sampler: str | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    labels: list[int] | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    guidance_channels: int | None = None,
+) -> dict[str, str]:
+    """Draws `num_samples` from the EMA params; labels cycle through `labels` or are uniform.
+
+    Unset sampler / steps / cfg_scale take the run's `config.sampling` values.
+    Returns the paths written ({"npz", "png"}).
+    """
+    workdir = os.path.abspath(workdir)
+    config = load_config(workdir)
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    model, params, step = restore_ema_params(workdir, config, mesh)
+    sampler = sampler or config.sampling.sampler
+    steps = steps or config.sampling.steps
+    cfg_scale = config.sampling.cfg_scale if cfg_scale is None else cfg_scale
+    num_classes = config.data.num_classes
+    rng = np.random.default_rng(seed)
+    if num_classes == 0:
+        all_labels = np.zeros(num_samples, np.int32)
+    elif labels:
+        bad = [label for label in labels if not 0 <= label < num_classes]
+        if bad:
+            raise ValueError(f"labels {bad} out of range [0, {num_classes}).")
+        all_labels = np.resize(np.asarray(labels, np.int32), num_samples)
+    else:
+        all_labels = rng.integers(0, num_classes, num_samples).astype(np.int32)
+
+    sample_fn = sampling.make_sample_fn(
+        model,
+        trainer.create_diffusion(config),
+        mesh,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        guidance_channels=guidance_channels,
+    )
+    batch_size = batch_size or config.global_batch_size
+    key = jax.random.key(seed)
+    chunks = []
+    for start in range(0, num_samples, batch_size):
+        batch_labels = all_labels[start : start + batch_size]
+        images = sampling.draw(
+            sample_fn, params, jax.random.fold_in(key, start), batch_labels, mesh
+        )
+        chunks.append(metrics.to_uint8(images))
+        logging.info("sampled %d/%d", min(start + batch_size, num_samples), num_samples)
+    images = np.concatenate(chunks)
+
+    output = os.path.abspath(output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    paths = {"npz": output, "png": os.path.splitext(output)[0] + ".png"}
+    if jax.process_index() == 0:
+        meta = dict(
+            model=config.model,
+            step=step,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            uint8="round((x + 1) * 127.5) clipped to [0, 255]",
+        )
+        tmp = output + ".tmp.npz"
+        np.savez(tmp, arr_0=images, arr_1=all_labels, meta=np.asarray(json.dumps(meta)))
+        os.replace(tmp, output)
+        shown = images[:100]
+        metrics.save_png(paths["png"], metrics.image_grid(shown, int(np.ceil(np.sqrt(len(shown))))))
+        logging.info("Wrote %d samples to %s (%s)", num_samples, output, meta)
+    return paths

@@ -1,0 +1,249 @@
+"""System-level checks of the training system on the smoke config (tiny DiffuSSM, real digits)."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import quickstart
+from diffussm_jax import diffusion as diffusion_lib
+from diffussm_jax import training
+from diffussm_jax.training import sharding, train_state, train_step, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**fields):
+    config = quickstart.get_config("smoke")
+    with config.unlocked():
+        config.data.data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
+        for key, value in fields.items():
+            target = config
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target[parent]
+            target[leaf] = value
+    return config
+
+
+def fixed_batch(size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": jnp.asarray(rng.uniform(-1, 1, (size, 32, 32, 1)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 10, size), jnp.int32),
+    }
+
+
+def run_steps(config, mesh, batches):
+    model = train_state.build_model(config)
+    diffusion = trainer.create_diffusion(config)
+    tx = train_state.create_optimizer(config)
+    state, shardings = train_state.create_train_state(config, model, tx, mesh)
+    step = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    history = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    return state, history
+
+
+def test_sharded_step_equals_single_device_step():
+    config = smoke_config(**{"mesh.fsdp": 4, "mesh.fsdp_min_size": 0})
+    batches = [fixed_batch(seed=i) for i in range(2)]
+    single, single_metrics = run_steps(
+        config, sharding.create_mesh(1, 1, jax.devices()[:1]), batches
+    )
+    mesh = sharding.create_mesh(2, 4)
+    sharded, sharded_metrics = run_steps(config, mesh, batches)
+
+    # FSDP really shards: the largest kernels are split over the 4 'fsdp' devices.
+    w2 = sharded.params["blocks"]["W2"]["kernel"]
+    assert w2.sharding.shard_shape(w2.shape)[1] == w2.shape[1] // 4
+    assert sharding.bytes_per_device(sharded.params) < sharding.bytes_per_device(single.params)
+
+    # Same math, different reduction order across devices: float32 roundoff only.
+    for a, b in zip(single_metrics, sharded_metrics, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_loss_decreases_on_embedded_digits():
+    """A fixed-noise evaluation loss on real digits drops over 40 steps of training."""
+    config = smoke_config(num_train_steps=40, sample_every_steps=0)
+    config.unlock()
+    config.learning_rate = 1e-3
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    iterator = trainer.create_data_iterator(config)
+    batches = [trainer.global_batch(next(iterator), config, mesh) for _ in range(40)]
+    model = train_state.build_model(config)
+    diffusion = trainer.create_diffusion(config)
+    eval_batch = batches[0]
+    t = jnp.arange(16, dtype=jnp.int32) * 62
+    noise = jax.random.normal(jax.random.key(7), eval_batch["image"].shape)
+
+    @jax.jit
+    def eval_loss(params):
+        def model_fn(x, t, y):
+            return model.apply({"params": params}, x, t, y)
+
+        terms = diffusion_lib.training_losses(
+            model_fn, diffusion, eval_batch["image"], t, noise, eval_batch["label"]
+        )
+        return terms["mse"].mean()
+
+    tx = train_state.create_optimizer(config)
+    state, _ = train_state.create_train_state(config, model, tx, mesh)
+    before = float(eval_loss(state.params))
+    state, _ = run_steps(config, mesh, batches)
+    after = float(eval_loss(state.params))
+    assert before == pytest.approx(1.0, abs=0.1)  # zero output at init: MSE of unit noise
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    """10 steps straight == 6 steps, restart from the checkpoint, 4 more: bitwise."""
+    config = smoke_config(num_train_steps=10, checkpoint_every_steps=3, sample_every_steps=0)
+    straight = training.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    resumed_dir = str(tmp_path / "resumed")
+    with config.unlocked():
+        config.num_train_steps = 6
+    training.train_and_evaluate(config, resumed_dir)
+    with config.unlocked():
+        config.num_train_steps = 10
+    resumed = training.train_and_evaluate(config, resumed_dir)
+
+    assert int(resumed.step) == 10
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ema_update():
+    ema = {"w": jnp.array([1.0, 2.0])}
+    params = {"w": jnp.array([3.0, 6.0])}
+    np.testing.assert_allclose(train_step.ema_update(ema, params, 0.9)["w"], [1.2, 2.4])
+    np.testing.assert_allclose(train_step.ema_update(ema, params, 0.0)["w"], [3.0, 6.0])
+
+
+def test_nonfinite_batch_skips_update():
+    config = smoke_config()
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    good = fixed_batch()
+    bad = {**good, "image": good["image"].at[0, 0, 0, 0].set(jnp.nan)}
+    state, history = run_steps(config, mesh, [good, bad])
+    reference, _ = run_steps(config, mesh, [good])
+    assert history[1]["nonfinite"] == 1 and history[0]["nonfinite"] == 0
+    assert int(state.step) == 2
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ssm_dynamics_have_their_own_optimizer_group():
+    config = smoke_config()
+    with config.unlocked():
+        config.ssm_learning_rate = 0.0
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    model = train_state.build_model(config)
+    tx = train_state.create_optimizer(config)
+    start, _ = train_state.create_train_state(config, model, tx, mesh)
+    start = jax.device_get(start)
+    # Three steps: at init the zero final layer, then the zero adaLN gates, block every
+    # gradient into the blocks' inner weights.
+    state, _ = run_steps(config, mesh, [fixed_batch(seed=i) for i in range(3)])
+    ssm_before = start.params["blocks"]["ssm"]["forward"]
+    ssm_after = jax.device_get(state.params["blocks"]["ssm"]["forward"])
+    for name in ("log_dt", "log_a_real", "a_imag"):
+        np.testing.assert_array_equal(ssm_before[name], ssm_after[name])
+    assert not np.array_equal(ssm_before["c"], ssm_after["c"])  # C is an ordinary weight
+
+
+def test_batch_and_mesh_errors_name_both_numbers():
+    mesh = sharding.create_mesh(2, 4)
+    with pytest.raises(ValueError, match="global_batch_size 12 is not divisible by the 8"):
+        sharding.check_global_batch(12, mesh)
+    with pytest.raises(ValueError, match="3 x fsdp=2"):
+        sharding.create_mesh(3, 2)
+
+
+def test_bad_labels_and_shapes_are_explained():
+    config = smoke_config()
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    batch = {k: np.asarray(v) for k, v in fixed_batch().items()}
+    with pytest.raises(ValueError, match=r"labels out of range \[0, 10\)"):
+        trainer.global_batch({**batch, "label": batch["label"] + 10}, config, mesh)
+    with pytest.raises(ValueError, match="image_size"):
+        trainer.global_batch({**batch, "image": batch["image"][:, :28]}, config, mesh)
+
+
+def test_unwritable_workdir_is_explained(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(PermissionError, match="not writable"):
+        trainer.check_workdir(str(blocked / "run"))
+
+
+@functools.lru_cache
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    return env
+
+
+def launch(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_launchers_train_then_sample(tmp_path):
+    workdir = tmp_path / "run"
+    data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
+    extra = [f"--config.data.data_dir={data_dir}"] if data_dir else []
+    result = launch(
+        "launch.train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}", *extra
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "checkpoints" / "20").is_dir()
+    assert (workdir / "samples" / "step_0000020.png").is_file()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"loss_t_q1"' in lines[0]
+    assert list((workdir / "tb").iterdir())
+
+    output = tmp_path / "samples.npz"
+    result = launch(
+        "launch.sample",
+        f"--workdir={workdir}",
+        "--num_samples=6",
+        f"--output={output}",
+        "--steps=3",
+        "--labels=3,7",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(output, allow_pickle=False) as f:
+        assert f["arr_0"].shape == (6, 32, 32, 1) and f["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(f["arr_1"], [3, 7, 3, 7, 3, 7])
+    assert output.with_suffix(".png").is_file()
+
+
+def test_unknown_config_field_is_rejected(tmp_path):
+    result = launch(
+        "launch.train",
+        "--config=configs/quickstart.py:smoke",
+        "--config.global_batchsize=8",
+        f"--workdir={tmp_path}",
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "global_batchsize" in result.stderr and "global_batch_size" in result.stderr
