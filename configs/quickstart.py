@@ -17,24 +17,24 @@ def get_config(arg: str | None = None):
     config = base.get_base_config()
     config.model = args.model
     config.dtype = "float32"  # bfloat16 is slow on CPUs
-    config.model_overrides.hidden_size = 96
+    config.model_overrides.hidden_size = 64
     config.model_overrides.depth = 4
-    config.model_overrides.state_size = 32
+    config.model_overrides.state_size = 16
     if config.model.startswith("DiT"):
         config.model_overrides.num_heads = 4
 
-    config.global_batch_size = 64
-    config.num_train_steps = 4000
-    config.learning_rate = 5e-4
-    config.warmup_steps = 200
+    config.global_batch_size = 32
+    config.num_train_steps = 1200
+    config.learning_rate = 1e-3
+    config.warmup_steps = 100
     config.grad_clip_norm = 1.0
-    config.ema_decay = 0.999
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 1000
-    config.sample_every_steps = 1000
+    config.ema_decay = 0.995
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 300
+    config.sample_every_steps = 600
     config.sampling.sampler = "dpm++2m"
     config.sampling.steps = 25
-    config.sampling.cfg_scale = 2.0
+    config.sampling.cfg_scale = 3.0
     config.sampling.per_class = 8
 
     if args.smoke:  # a tiny model for tests and quick checks: 20 steps in well under a minute
