@@ -2,8 +2,10 @@
 
 import functools
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +126,18 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_gradient_accumulation_equals_one_big_batch():
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    batches = [fixed_batch(seed=i) for i in range(3)]
+    whole, whole_metrics = run_steps(smoke_config(), mesh, batches)
+    accumulated, accumulated_metrics = run_steps(smoke_config(grad_accum_steps=4), mesh, batches)
+    for a, b in zip(whole_metrics, accumulated_metrics, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_array_equal(a["bucket_count"], b["bucket_count"])
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(accumulated), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def test_ema_update():
     ema = {"w": jnp.array([1.0, 2.0])}
     params = {"w": jnp.array([3.0, 6.0])}
@@ -235,6 +249,44 @@ def test_launchers_train_then_sample(tmp_path):
         assert f["arr_0"].shape == (6, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(f["arr_1"], [3, 7, 3, 7, 3, 7])
     assert output.with_suffix(".png").is_file()
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config=configs/quickstart.py:smoke",
+            "--config.num_train_steps=100000",
+            "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=100000",
+            *([f"--config.data.data_dir={data_dir}"] if data_dir else []),
+            f"--workdir={workdir}",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics_file = workdir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2
 
 
 def test_unknown_config_field_is_rejected(tmp_path):

@@ -24,25 +24,41 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def _loss_and_grads(params, model, diffusion, batch: Batch, rng: jax.Array):
+def draw_randomness(rng: jax.Array, batch: Batch, diffusion, model: nn.Module) -> Batch:
+    """Per-example training randomness for the whole batch: t, noise, and label dropout.
+
+    Drawn once per step for the global batch, so splitting the batch into micro-batches
+    (gradient accumulation) trains on exactly the same examples as one big batch.
+    """
     t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     images = batch["image"]
-    labels = batch.get("label")
+    out = {
+        **batch,
+        "t": diffusion_lib.sample_timesteps(t_rng, images.shape[0], diffusion),
+        "noise": jax.random.normal(noise_rng, images.shape, jnp.float32),
+    }
+    if "label" in batch and model.class_dropout_prob > 0:
+        # Classifier-free guidance training: replace labels by the null label (num_classes).
+        drop = jax.random.bernoulli(dropout_rng, model.class_dropout_prob, batch["label"].shape)
+        out["label"] = jnp.where(drop, model.num_classes, batch["label"])
+    return out
+
+
+def _loss_and_grads(params, model, diffusion, batch: Batch):
+    """Gradients and loss statistics of one (micro-)batch with its randomness drawn."""
 
     def loss_fn(params):
         def model_fn(x, t, y):
-            return model.apply(
-                {"params": params}, x, t, y, train=True, rngs={"label_dropout": dropout_rng}
-            )
+            return model.apply({"params": params}, x, t, y, train=False)
 
-        t = diffusion_lib.sample_timesteps(t_rng, images.shape[0], diffusion)
-        noise = jax.random.normal(noise_rng, images.shape, jnp.float32)
-        terms = diffusion_lib.training_losses(model_fn, diffusion, images, t, noise, labels=labels)
-        return terms["loss"].mean(), (terms, t)
+        terms = diffusion_lib.training_losses(
+            model_fn, diffusion, batch["image"], batch["t"], batch["noise"], batch.get("label")
+        )
+        return terms["loss"].mean(), terms
 
-    (loss, (terms, t)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     buckets = diffusion_lib.timestep_bucket_losses(
-        terms["loss"], t, diffusion.num_timesteps, NUM_LOSS_BUCKETS
+        terms["loss"], batch["t"], diffusion.num_timesteps, NUM_LOSS_BUCKETS
     )
     stats = {
         "loss": loss,
@@ -68,33 +84,34 @@ def train_step(
 
     The step's randomness is fold_in(rng, step), so a resumed run draws the same numbers. With
     `grad_accum_steps` > 1 the batch is split into that many micro-batches whose gradients are
-    averaged (same result as one big batch up to summation order, less activation memory).
-    A non-finite loss or gradient leaves params, EMA and optimizer state unchanged
+    averaged: the same update as one big batch up to summation order, with less activation
+    memory. A non-finite loss or gradient leaves params, EMA and optimizer state unchanged
     (metrics["nonfinite"] = 1); the caller decides whether to stop.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    batch = draw_randomness(rng, batch, diffusion, model)
     compute = functools.partial(_loss_and_grads, model=model, diffusion=diffusion)
 
     if grad_accum_steps == 1:
-        grads, stats = compute(state.params, batch=batch, rng=rng)
+        grads, stats = compute(state.params, batch=batch)
     else:
+        size = batch["image"].shape[0]
+        if size % grad_accum_steps:
+            raise ValueError(
+                f"batch of {size} does not split into grad_accum_steps={grad_accum_steps} "
+                "equal micro-batches; make global_batch_size a multiple of it."
+            )
         micro = jax.tree.map(
-            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]),
-            batch,
+            lambda x: x.reshape(grad_accum_steps, size // grad_accum_steps, *x.shape[1:]), batch
         )
 
-        def accumulate(carry, inputs):
-            index, micro_batch = inputs
-            grads, stats = compute(
-                state.params, batch=micro_batch, rng=jax.random.fold_in(rng, index)
-            )
+        def accumulate(carry, micro_batch):
+            grads, stats = compute(state.params, batch=micro_batch)
             return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
-        zeros = jax.eval_shape(
-            compute, state.params, batch=jax.tree.map(lambda x: x[0], micro), rng=rng
-        )
+        zeros = jax.eval_shape(compute, state.params, batch=jax.tree.map(lambda x: x[0], micro))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        (grads, stats), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+        (grads, stats), _ = jax.lax.scan(accumulate, zeros, micro)
         sums = ("bucket_sum", "bucket_count")
         grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
         stats = {k: v if k in sums else v / grad_accum_steps for k, v in stats.items()}
