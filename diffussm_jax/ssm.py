@@ -142,6 +142,20 @@ def _real_and_imag(x: jax.Array, axis: int) -> jax.Array:
     return jnp.concatenate([x.real, x.imag], axis=axis)
 
 
+def _lower_toeplitz(taps: jax.Array) -> jax.Array:
+    """(H, T) -> (H, T, T) with [h, t, r] = taps[h, t - r] for t >= r, else 0.
+
+    Without a gather (whose gradient is a scatter): w = [K0, 0 x T, K_{T-1}, ..., K_1] tiled T
+    times and read as rows of 2T - 1 shifts each row by one, so entry (t, r) is w[(r - t) mod 2T].
+    """
+    channels, size = taps.shape
+    w = jnp.concatenate(
+        [taps[:, :1], jnp.zeros((channels, size), taps.dtype), taps[:, :0:-1]], axis=1
+    )
+    rows = jnp.tile(w, (1, size))[:, : size * (2 * size - 1)]
+    return rows.reshape(channels, size, 2 * size - 1)[:, :, :size]
+
+
 def vandermonde_kernel(log_dt: jax.Array, a: jax.Array, c: jax.Array, length: int) -> jax.Array:
     """K[h, l] = 2 Re sum_n C dB dA^l, l < length, from the full (H, N/2, L) Vandermonde tensor.
 
@@ -312,35 +326,16 @@ def scan_causal_ssm(
     return jnp.moveaxis(y, 0, 2)
 
 
-def chunked_causal_ssm(
+def _chunked_channel_major(
     u: jax.Array,
     log_dt: jax.Array,
     a: jax.Array,
     c: jax.Array,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    skip: jax.Array | None,
+    chunk_size: int,
 ) -> jax.Array:
-    """The SSM as dense matmuls over chunks of T = chunk_size steps.
-
-    Args:
-      u: (B, L, H); any L (the last chunk is zero-padded, which causality makes harmless).
-      log_dt: (H,); a, c: (H, N/2) complex.
-      chunk_size: T.
-
-    Returns:
-      (B, L, H) float32 (float64 for float64 inputs), without the D skip.
-
-    With chunks of T steps, state s_j at the end of chunk j, and t, r < T positions in a chunk:
-      inside    y[jT + t] += sum_{r<=t} K[t - r] u[jT + r]   (H, T, T) Toeplitz of K[:T]
-      to state  e_j = sum_r dA^(T-1-r) dB u[jT + r]          (H, N/2, T) matrix
-      carry     s_j = dA^T s_{j-1} + e_j                     a scan over the L/T chunks
-      readout   y[jT + t] += 2 Re sum_n C dA^(t+1) s_{j-1}   (H, T, N/2) matrix
-    Everything but the (B, L/T, H, N/2) carry is a matmul batched over channels; the data is
-    laid out channel-major (H, B, L/T, T) once so that the channel is every matmul's batch axis.
-    bfloat16 inputs give bfloat16 matmul operands (for the accelerators' matrix units); the state
-    and its scan stay complex64.
-    """
-    batch, length, channels = u.shape
+    """`chunked_causal_ssm` on channel-major data: u (H, B, L) -> (H, B, L) float32/float64."""
+    channels, batch, length = u.shape
     half = a.shape[1]
     dtype = jnp.promote_types(u.dtype, jnp.float32)
     operand_dtype = u.dtype if u.dtype == jnp.bfloat16 else dtype
@@ -353,14 +348,15 @@ def chunked_causal_ssm(
     steps = jnp.arange(size)
     powers = _powers(log_da, steps)  # (H, N/2, T): dA^t
     taps = 2 * jnp.einsum("hn,hnt->ht", c * db, powers).real  # K[0..T-1], (H, T)
-    lags = steps[:, None] - steps[None, :]
-    toeplitz = jnp.where(lags >= 0, taps[:, jnp.clip(lags, 0, None)], 0)  # (H, T, T): [h, t, r]
+    if skip is not None:  # D u is a convolution with D at lag 0
+        taps = taps.at[:, 0].add(skip.astype(taps.dtype))
+    toeplitz = _lower_toeplitz(taps)  # (H, T, T): [h, t, r]
     to_state = _real_and_imag(db[:, :, None] * powers[:, :, ::-1], axis=1)  # (H, N, T)
     readout = c[:, :, None] * da[:, :, None] * powers  # (H, N/2, T): C dA^(t+1)
     readout = 2 * jnp.concatenate([readout.real, -readout.imag], axis=1)  # (H, N, T)
 
-    u = jnp.pad(u.astype(operand_dtype), ((0, 0), (0, num_chunks * size - length), (0, 0)))
-    u = u.reshape(batch, num_chunks, size, channels).transpose(3, 0, 1, 2)  # (H, B, chunks, T)
+    u = jnp.pad(u.astype(operand_dtype), ((0, 0), (0, 0), (0, num_chunks * size - length)))
+    u = u.reshape(channels, batch, num_chunks, size)
 
     def matmul(equation, x, y):
         # Not preferred_element_type=float32: XLA:CPU has no bf16 x bf16 -> f32 dot. Accelerators
@@ -379,8 +375,41 @@ def chunked_causal_ssm(
     _, entering = jax.lax.scan(carry, jnp.zeros_like(ends[0]), ends)  # (chunks, H, B, N/2)
     y = matmul("hbcr,htr->hbct", u, toeplitz)
     y = y + matmul("chbk,hkt->hbct", _real_and_imag(entering, axis=-1), readout)
-    y = y.transpose(1, 2, 3, 0).reshape(batch, num_chunks * size, channels)
-    return y[:, :length]
+    return y.reshape(channels, batch, num_chunks * size)[..., :length]
+
+
+def chunked_causal_ssm(
+    u: jax.Array,
+    log_dt: jax.Array,
+    a: jax.Array,
+    c: jax.Array,
+    *,
+    skip: jax.Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
+    """The SSM as dense matmuls over chunks of T = chunk_size steps.
+
+    Args:
+      u: (B, L, H); any L (the last chunk is zero-padded, which causality makes harmless).
+      log_dt: (H,); a, c: (H, N/2) complex.
+      skip: optional D (H,), folded into the Toeplitz diagonal (no extra pass over u).
+      chunk_size: T.
+
+    Returns:
+      (B, L, H) float32 (float64 for float64 inputs).
+
+    With chunks of T steps, state s_j at the end of chunk j, and t, r < T positions in a chunk:
+      inside    y[jT + t] += sum_{r<=t} K[t - r] u[jT + r]   (H, T, T) Toeplitz of K[:T]
+      to state  e_j = sum_r dA^(T-1-r) dB u[jT + r]          (H, N/2, T) matrix
+      carry     s_j = dA^T s_{j-1} + e_j                     a scan over the L/T chunks
+      readout   y[jT + t] += 2 Re sum_n C dA^(t+1) s_{j-1}   (H, T, N/2) matrix
+    Everything but the (L/T, H, B, N/2) carry is a matmul batched over channels; the data is
+    laid out channel-major (H, B, L/T, T) once so that the channel is every matmul's batch axis.
+    bfloat16 inputs give bfloat16 matmul operands (for the accelerators' matrix units); the state
+    and its scan stay complex64.
+    """
+    y = _chunked_channel_major(jnp.moveaxis(u, 2, 0), log_dt, a, c, skip, chunk_size)
+    return jnp.moveaxis(y, 0, 2)
 
 
 def causal_ssm(
@@ -393,17 +422,18 @@ def causal_ssm(
     """y = SSM(u) + D u, causal along axis 1. u (B, L, H) -> (B, L, H) float32 (or float64).
 
     params = (log_dt (H,), a (H, N/2), c (H, N/2), d (H,)); `backend` picks how (module doc).
+    D u is a convolution with D at lag 0, so fft and chunked fold it into their kernels.
     """
     log_dt, a, c, d = params
     if backend == "fft":
-        y = fft_causal_conv(u, s4d_kernel(log_dt, a, c, u.shape[1]))
-    elif backend == "scan":
+        kernel = s4d_kernel(log_dt, a, c, u.shape[1])
+        return fft_causal_conv(u, kernel.at[:, 0].add(d.astype(kernel.dtype)))
+    if backend == "chunked":
+        return chunked_causal_ssm(u, log_dt, a, c, skip=d, chunk_size=chunk_size)
+    if backend == "scan":
         y = scan_causal_ssm(u, log_dt, a, c)
-    elif backend == "chunked":
-        y = chunked_causal_ssm(u, log_dt, a, c, chunk_size=chunk_size)
-    else:
-        raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
-    return y + d * u.astype(y.dtype)
+        return y + d * u.astype(y.dtype)
+    raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
 
 
 def bidirectional_ssm(
@@ -416,27 +446,38 @@ def bidirectional_ssm(
 ) -> jax.Array:
     """[SSM_fwd(u), flip(SSM_bwd(flip(u)))] along the channels: (B, L, H) -> (B, L, 2H).
 
-    The first H outputs at position l depend on u[:l+1], the last H on u[l:]. With the fft
-    backend the anti-causal half is a cross-correlation, irfft(U conj(K_bwd)), so both halves
-    share one rfft of u, need no flips, and come out of one irfft already concatenated.
+    The first H outputs at position l depend on u[:l+1], the last H on u[l:]. Both directions
+    run as one SSM of 2H channels (their parameters concatenated), so every op is issued once:
+      fft      the anti-causal half is a cross-correlation, irfft(U conj(K_bwd)): one rfft of
+               u serves both halves, no flips, and one irfft returns them concatenated;
+      chunked  channel-major [u, flip(u)] through one chunked pass, then the second half
+               flipped back; the flips fuse into the layout changes;
+      scan     two causal scans with flips.
     """
-    if backend != "fft":
-        kw = dict(backend=backend, chunk_size=chunk_size)
-        anti = jnp.flip(causal_ssm(jnp.flip(u, 1), backward, **kw), 1)
-        return jnp.concatenate([causal_ssm(u, forward, **kw), anti], axis=-1)
     batch, length, channels = u.shape
+    both = [jnp.concatenate([f, b]) for f, b in zip(forward, backward, strict=True)]
+    if backend == "scan":
+        anti = jnp.flip(causal_ssm(jnp.flip(u, 1), backward, backend="scan"), 1)
+        return jnp.concatenate([causal_ssm(u, forward, backend="scan"), anti], axis=-1)
+    if backend == "chunked":
+        u_t = jnp.moveaxis(u, 2, 0)  # (H, B, L)
+        y = _chunked_channel_major(
+            jnp.concatenate([u_t, jnp.flip(u_t, -1)]), *both[:3], both[3], chunk_size
+        )  # (2H, B, L)
+        y = jnp.concatenate([y[:channels], jnp.flip(y[channels:], -1)])
+        return jnp.moveaxis(y, 0, 2)
+    if backend != "fft":
+        raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u = u.astype(dtype)
-    u_f = jnp.fft.rfft(jnp.swapaxes(u, 1, 2), n=n_fft)  # (B, H, F)
-    k_fwd = jnp.fft.rfft(s4d_kernel(*forward[:3], length).astype(dtype), n=n_fft)
-    k_bwd = jnp.fft.rfft(s4d_kernel(*backward[:3], length).astype(dtype), n=n_fft)
+    u_f = jnp.fft.rfft(jnp.swapaxes(u.astype(dtype), 1, 2), n=n_fft)  # (B, H, F)
+    kernels = s4d_kernel(*both[:3], length).astype(dtype)  # (2H, L)
+    kernels = kernels.at[:, 0].add(both[3].astype(dtype))  # D u: D at lag 0
+    kernels_f = jnp.fft.rfft(kernels, n=n_fft).reshape(2, channels, -1)
     # Circular correlation sum_j K[j] u[l + j mod n] has no wrap-around for l, j < L <= n - L + 1.
-    kernels_f = jnp.stack([k_fwd, jnp.conj(k_bwd)])  # (2, H, F)
+    kernels_f = jnp.stack([kernels_f[0], jnp.conj(kernels_f[1])])  # (2, H, F)
     y = jnp.fft.irfft(u_f[:, None] * kernels_f, n=n_fft)[..., :length]  # (B, 2, H, L)
-    y = y.reshape(batch, 2 * channels, length).swapaxes(1, 2)
-    d = jnp.concatenate([forward[3], backward[3]]).astype(dtype)
-    return y + d * jnp.concatenate([u, u], axis=-1)
+    return y.reshape(batch, 2 * channels, length).swapaxes(1, 2)
 
 
 # ----------------------------------------------------------------------------- references
