@@ -1,6 +1,7 @@
 """System-level checks of the training system on the smoke config (tiny DiffuSSM, real digits)."""
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -249,6 +250,29 @@ def test_launchers_train_then_sample(tmp_path):
         assert f["arr_0"].shape == (6, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(f["arr_1"], [3, 7, 3, 7, 3, 7])
     assert output.with_suffix(".png").is_file()
+
+    env = {**_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # classifier trained here
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.evaluate",
+            f"--workdir={workdir}",
+            "--num_samples=20",
+            "--steps=3",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (scores_file,) = (workdir / "eval").glob("*.json")
+    scores = json.loads(scores_file.read_text())
+    assert scores["num_samples"] == 20 and 0.0 <= scores["accuracy"] <= 1.0
+    assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0
+    assert os.path.isfile(scores["samples"]) and scores["steps"] == 3
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
