@@ -1,0 +1,198 @@
+"""Benchmark library: flop counting, exponent fit, reports, and a tiny run of every mode."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffussm_jax import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dense_flops_counts_dots_inside_scans_and_complex_dots():
+    def f(x, w):
+        def body(carry, _):
+            return jnp.tanh(carry @ w), None
+
+        return jax.lax.scan(body, x, None, length=3)[0].sum()
+
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
+    assert benchmark.dense_flops(f, x, w) == 3 * 2 * 4 * 8 * 8
+    # The backward pass adds two matmuls per step (d carry and d w).
+    assert benchmark.dense_flops(jax.grad(f, argnums=1), x, w) == 3 * 3 * 2 * 4 * 8 * 8
+    z = jnp.ones((4, 8), jnp.complex64)
+    assert benchmark.dense_flops(lambda a, b: a @ b, z, z.T) == 4 * 2 * 4 * 8 * 4
+
+
+def test_fit_exponent():
+    lengths = np.array([1024, 2048, 4096, 16384])
+    assert benchmark.fit_exponent(lengths, 3e-6 * lengths**1.5) == pytest.approx(1.5)
+
+
+def test_model_specs():
+    specs = benchmark.model_specs(["DiffuSSM", "DiT/1", "DiT-XL/2"], ["fft", "chunked"], 64, 2)
+    assert [s.label for s in specs] == [
+        "DiffuSSM [fft]",
+        "DiffuSSM [chunked]",
+        "DiT p1",
+        "DiT-XL/2",
+    ]
+    assert specs[1].backend == "chunked" and specs[2].backend == "-"
+    assert specs[0].tokens(32) == 1024 and specs[2].tokens(32) == 1024
+    assert specs[3].tokens(32) == 256
+    dit = specs[2].build(8, "bfloat16", False)
+    assert (dit.hidden_size, dit.depth, dit.num_heads, dit.patch_size) == (64, 2, 1, 1)
+    with pytest.raises(ValueError, match="unknown model"):
+        benchmark.model_specs(["Mamba"], ["fft"], 64, 2)
+    with pytest.raises(ValueError, match="unknown backend"):
+        benchmark.model_specs(["DiffuSSM"], ["conv"], 64, 2)
+
+
+def test_kernel_memory_naive_exceeds_factored():
+    rows = benchmark.kernel_memory(channels=16, state_size=8, length=4096)
+    temp = {(r["kernel"].split()[0], r["kind"]): r["temp_mib"] for r in rows}
+    assert temp[("naive", "forward")] > 4 * temp[("factored", "forward")]
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def check_report(paths, mode):
+    assert {os.path.basename(p) for p in paths.values()} == {
+        f"{mode}.{e}" for e in "md csv png".split()
+    }
+    rows = read_csv(paths["csv"])
+    assert rows
+    for row in rows:
+        assert row["machine"].startswith("cpu") and row["command"] == f"test {mode}"
+        assert row["dtype"] and row["batch"] and row["backend"]
+    with open(paths["md"], encoding="utf-8") as f:
+        assert f.read().count("\n|") >= len(rows) + 1
+    assert os.path.getsize(paths["png"]) > 1000
+    return rows
+
+
+def tiny(mode, tmp_path, **kw):
+    return benchmark.Options(mode=mode, out_dir=str(tmp_path), command=f"test {mode}", **kw)
+
+
+def test_models_mode(tmp_path):
+    options = tiny(
+        "models",
+        tmp_path,
+        models=("DiT-XL/2",),
+        input_sizes=(8,),
+        registry_overrides=dict(depth=1),
+    )
+    (row,) = check_report(benchmark.run(options), "models")
+    assert row["model"] == "DiT-XL/2" and row["resolution"] == "64"
+    assert float(row["gmacs"]) > 0 and float(row["params_m"]) > 1
+
+
+def test_throughput_mode(tmp_path):
+    options = tiny(
+        "throughput",
+        tmp_path,
+        models=("DiffuSSM", "DiT/2"),
+        backends=("chunked",),
+        width=16,
+        depth=1,
+        input_sizes=(8,),
+        batch_sizes=(2,),
+        repeats=1,
+        matmul_size=128,
+    )
+    rows = check_report(benchmark.run(options), "throughput")
+    assert [(r["model"], r["kind"]) for r in rows] == [
+        ("DiffuSSM [chunked]", "forward"),
+        ("DiffuSSM [chunked]", "train"),
+        ("DiT p2", "forward"),
+        ("DiT p2", "train"),
+    ]
+    for row in rows:
+        assert row["status"] == "ok"
+        # A train step does more dense work than the forward pass it contains.
+        assert float(row["images_per_s"]) > 0 and float(row["dense_gflop"]) > 0
+    assert float(rows[1]["dense_gflop"]) > 2 * float(rows[0]["dense_gflop"])
+
+
+def test_scaling_mode_skips_what_does_not_fit(tmp_path):
+    options = tiny(
+        "scaling",
+        tmp_path,
+        models=("DiffuSSM", "DiT/1"),
+        backends=("fft",),
+        width=16,
+        depth=1,
+        input_sizes=(8, 32),
+        batch_sizes=(1,),
+        repeats=1,
+        memory_cap_gb=6 / 1024,  # DiT p1 at 1024 tokens is predicted at 8-17 MiB, DiffuSSM 3
+        fit_range=(64, 1024),
+    )
+    rows = check_report(benchmark.run(options), "scaling")
+    status = {(r["model"], r["kind"], r["tokens"]): r["status"] for r in rows}
+    assert status[("DiT p1", "train", "1024")].startswith("skipped: predicted")
+    assert status[("DiT p1", "train", "64")] == "ok"
+    assert status[("DiffuSSM [fft]", "train", "1024")] == "ok"
+    summary = benchmark.scaling_summary(
+        [{**r, "tokens": int(r["tokens"]), "seconds": float(r["seconds"] or "nan")} for r in rows],
+        (64, 1024),
+    )
+    assert "exponent" in summary[0]
+    with open(os.path.join(tmp_path, "scaling.md"), encoding="utf-8") as f:
+        assert "Growth exponents" in f.read()
+
+
+def test_ssm_mode(tmp_path):
+    options = tiny(
+        "ssm",
+        tmp_path,
+        backends=("fft", "chunked"),  # scan's compile is the slowest; same code path
+        width=8,
+        state_size=8,
+        lengths=(24,),
+        chunk_sizes=(8,),
+        batch_sizes=(1,),
+        repeats=1,
+        kernel_memory=False,
+    )
+    rows = check_report(benchmark.run(options), "ssm")
+    assert [(r["layer"], r["kind"]) for r in rows] == [
+        ("BidirectionalSSM [fft]", "forward"),
+        ("BidirectionalSSM [fft]", "forward+backward"),
+        ("BidirectionalSSM [chunked, T=8]", "forward"),
+        ("BidirectionalSSM [chunked, T=8]", "forward+backward"),
+    ]
+
+
+def test_gpu_bench_script_tiny_cpu_path(tmp_path):
+    """scripts/gpu_bench.sh --tiny: the accelerator script's code path (bf16, scanned layers,
+    batch search, train step only) at toy sizes on CPU."""
+    # LLVM -O0: compiles ~35% faster; this checks the code path, not its speed.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    env = {**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable, "XLA_FLAGS": flags}
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", "gpu_bench.sh"), "--tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| DiffuSSM [chunked] | train |" in result.stdout
+    rows = read_csv(os.path.join(tmp_path, "throughput.csv"))
+    assert {r["model"] for r in rows} == {"DiffuSSM [chunked]", "DiT p2"}
+    for row in rows:
+        assert row["status"] == "ok" and row["dtype"] == "bfloat16" and row["kind"] == "train"
+        assert row["batch"] == "4"  # the largest candidate fits
+        assert float(row["xla_gflop"]) > 0
