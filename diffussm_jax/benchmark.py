@@ -20,7 +20,9 @@ machine, SSM backend, dtype, batch and the command that produced it.
 Conventions, the same for every model:
   time     best (minimum) of up to `repeats` calls after a warm-up call, functions compiled
            ahead of time. The minimum because the machine may be shared: other processes only
-           ever add time. The 1-minute load average is recorded beside each row.
+           ever add time. By default (`interleave`) all configurations of a run are timed in
+           round-robin rounds, so that such load falls on all of them alike; the 1-minute load
+           average at the last timed call is recorded beside each row.
   flops    "xla": XLA's cost analysis (HloCostAnalysis) of the compiled step, which counts every
            op (elementwise, FFTs, dots). XLA counts a loop body once, so for scanned layers
            (`scan_layers`) the per-layer cost comes from unrolled depth-1 and depth-2 lowerings.
@@ -79,6 +81,7 @@ class Options:
     memory_cap_gb: float | None = None  # default: device limit, else 8 GiB on CPU
     scan_layers: bool = False
     train_only: bool = False
+    interleave: bool = True  # time all configurations round-robin (shared CPUs); see time_all
     matmul_size: int | None = None  # default 2048 on CPU, 8192 on accelerators
     # ssm mode
     lengths: Sequence[int] = (1024, 2048, 4096, 8192, 16384)
@@ -130,29 +133,15 @@ def load_average() -> float:
 # ----------------------------------------------------------------------------- measurement
 
 
-def time_calls(
-    fn: Callable[..., Any],
-    args: tuple,
-    *,
-    repeats: int,
-    time_budget_s: float,
-    carry: Callable[[Any, tuple], tuple] | None = None,
-) -> dict[str, float]:
-    """Seconds per call of a compiled fn: best and median of up to `repeats` timed calls.
-
-    One warm-up call first. At least one timed call; no new call once `time_budget_s` is spent.
-    `carry(output, args) -> args` feeds a step's output into the next call (train state, whose
-    input buffers a donating step has consumed).
-    """
-    out = jax.block_until_ready(fn(*args))
-    times: list[float] = []
-    while not times or (len(times) < repeats and sum(times) < time_budget_s):
-        if carry is not None:
-            args = carry(out, args)
+def time_calls(fn: Callable[..., Any], args: tuple, *, repeats: int) -> dict[str, float]:
+    """Seconds per call of a compiled fn: best and median of `repeats` calls after a warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return dict(seconds=min(times), median_seconds=float(np.median(times)), calls=len(times))
+    return dict(seconds=min(times), median_seconds=float(np.median(times)))
 
 
 def matmul_rate(dtype: str, size: int | None = None) -> float:
@@ -161,7 +150,7 @@ def matmul_rate(dtype: str, size: int | None = None) -> float:
         size = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(jnp.matmul).lower(a, a).compile()
-    timing = time_calls(matmul, (a, a), repeats=5, time_budget_s=10.0)
+    timing = time_calls(matmul, (a, a), repeats=5)
     return 2 * size**3 / timing["seconds"]
 
 
@@ -368,7 +357,7 @@ def _scanned_step_flops(spec: ModelSpec, kind: str, input_size: int, dtype: str,
 class _Step:
     """A compiled forward pass or train step with its arguments."""
 
-    model: nn.Module
+    model: nn.Module | None
     fn: Callable[..., Any]
     compiled: Any
     args: tuple
@@ -396,22 +385,31 @@ def _compile_step(spec: ModelSpec, kind: str, input_size: int, batch_size: int, 
     return _Step(model, fn, compiled, args, carry, time.perf_counter() - start)
 
 
-def measure_model(
+@dataclasses.dataclass
+class Measurement:
+    """A row in the making: its compiled step (None if skipped) and the call times so far."""
+
+    row: Row
+    step: _Step | None
+    batch_size: int
+    backend: str
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def prepare_model(
     spec: ModelSpec,
     input_size: int,
     batch_size: int,
     options: Options,
-    *,
     kinds: Sequence[str] = ("forward", "train"),
-    peak_rate: float | None = None,
-) -> list[Row]:
-    """Time the forward pass and/or train step of one model; one row per kind.
+) -> list[Measurement]:
+    """Compile the forward pass and/or train step of one model; count its flops and memory.
 
-    A kind whose compiled peak memory exceeds the cap is not run: its row has status
-    "skipped" and the predicted peak; an allocation failure while running gives "oom".
+    A kind whose compiled peak memory exceeds the cap gets status "skipped" and no step: it
+    is predicted, not run.
     """
     cap = memory_cap_bytes(options)
-    rows = []
+    measurements = []
     for kind in kinds:
         step = _compile_step(spec, kind, input_size, batch_size, options)
         row: Row = dict(
@@ -433,35 +431,67 @@ def measure_model(
         row["dense_gflop"] = dense_flops(step.fn, *step.args) / 1e9
         if row["peak_gib"] * 2**30 > cap:
             row["status"] = f"skipped: predicted {row['peak_gib']:.1f} GiB > cap {cap / 2**30:.1f}"
-            rows.append(row)
+            step = None
+        measurements.append(Measurement(row, step, batch_size, spec.backend))
+    return measurements
+
+
+def _call(measurement: Measurement, warm_up: bool = False) -> None:
+    step = measurement.step
+    start = time.perf_counter()
+    out = jax.block_until_ready(step.compiled(*step.args))
+    if not warm_up:
+        measurement.times.append(time.perf_counter() - start)
+    if step.carry is not None:  # the next call takes this step's train state
+        step.args = step.carry(out, step.args)
+
+
+def time_all(
+    measurements: Sequence[Measurement], options: Options, peak_rate: float | None = None
+) -> None:
+    """Warm up, then time up to `options.repeats` calls of every prepared step; fill the rows.
+
+    With `options.interleave` the calls go round-robin over all steps, so that load from other
+    processes on a shared machine falls on every configuration alike rather than on whichever
+    ran at that moment; otherwise one step after another, each step's buffers released before
+    the next (an accelerator then holds one train state at a time). A step stops being repeated
+    once its calls took `time_budget_s`. An allocation failure gives status "oom".
+    """
+    active = [m for m in measurements if m.step is not None]
+    if options.interleave:
+        order = [m for _ in range(options.repeats) for m in active]
+    else:
+        order = [m for m in active for _ in range(options.repeats)]
+    for i, m in enumerate(order):
+        if m.step is not None and sum(m.times) <= options.time_budget_s:
+            try:
+                if not m.times:
+                    _call(m, warm_up=True)
+                _call(m)
+            except jax.errors.JaxRuntimeError as error:
+                if "RESOURCE_EXHAUSTED" not in str(error):
+                    raise
+                m.row["status"] = "oom"
+                m.step = None
+        if not options.interleave and (i + 1 == len(order) or order[i + 1] is not m):
+            m.step = None  # free this step's buffers before the next one runs
+    for m in measurements:
+        if not m.times:
             continue
-        try:
-            timing = time_calls(
-                step.compiled,
-                step.args,
-                repeats=options.repeats,
-                time_budget_s=options.time_budget_s,
-                carry=step.carry,
-            )
-        except jax.errors.JaxRuntimeError as error:
-            if "RESOURCE_EXHAUSTED" not in str(error):
-                raise
-            row["status"] = "oom"
-            rows.append(row)
-            continue
-        row.update(timing)
-        row["images_per_s"] = batch_size / timing["seconds"]
-        row["xla_tflops"] = row["xla_gflop"] / timing["seconds"] / 1e3
-        row["dense_tflops"] = row["dense_gflop"] / timing["seconds"] / 1e3
+        seconds = min(m.times)
+        m.row.update(seconds=seconds, median_seconds=float(np.median(m.times)), calls=len(m.times))
+        if "model" in m.row:
+            m.row["images_per_s"] = m.batch_size / seconds
+        m.row["xla_tflops"] = m.row["xla_gflop"] / seconds / 1e3
+        m.row["dense_tflops"] = m.row["dense_gflop"] / seconds / 1e3
         if peak_rate:
-            row["dense_frac_of_matmul"] = row["dense_tflops"] * 1e12 / peak_rate
-            row["xla_frac_of_matmul"] = row["xla_tflops"] * 1e12 / peak_rate
+            m.row["dense_frac_of_matmul"] = m.row["dense_tflops"] * 1e12 / peak_rate
+            m.row["xla_frac_of_matmul"] = m.row["xla_tflops"] * 1e12 / peak_rate
         nominal = nominal_peak(options.dtype)
         if nominal:
-            row["mfu_nominal"] = row["dense_tflops"] * 1e12 / nominal
-        row["status"] = "ok"
-        rows.append(row)
-    return rows
+            m.row["mfu_nominal"] = m.row["dense_tflops"] * 1e12 / nominal
+        m.row.setdefault("status", "ok")
+        m.row["load_1min"] = load_average()
 
 
 def predict_batch_size(
@@ -472,7 +502,7 @@ def predict_batch_size(
     Compiling an XL train step takes tens of seconds, so instead of trying every candidate the
     smallest one is compiled and its temporaries scaled linearly with the batch (parameters and
     optimizer state do not grow). Candidates predicted over the cap are dropped; the rest are
-    still checked against their own compiled memory by `measure_model`.
+    still checked against their own compiled memory by `prepare_model`.
     """
     candidates = tuple(options.batch_sizes)
     if len(candidates) == 1:
@@ -486,9 +516,10 @@ def predict_batch_size(
 
 
 def _with_context(row: Row, options: Options, backend: str, batch_size: int) -> Row:
+    """The columns every row carries; load_1min is the one recorded when it was timed, if it was."""
     return {
         **row,
-        "load_1min": load_average(),
+        "load_1min": row.get("load_1min", load_average()),
         "machine": machine_description(),
         "backend": backend,
         "dtype": options.dtype,
@@ -537,39 +568,47 @@ def run_models(options: Options) -> list[Row]:
 def run_throughput(options: Options) -> list[Row]:
     """Images/s and achieved FLOP/s of forward and train step, for each model and input size.
 
-    For each (model, input size) the batch sizes are tried in the given (descending) order and
-    the first that fits the memory cap and runs is reported.
+    For each (model, input size) the largest batch size predicted to fit the memory cap is
+    used (`predict_batch_size`); without `interleave` a batch that fails to allocate falls back
+    to the next smaller candidate.
     """
     rate = matmul_rate(options.dtype, options.matmul_size)
     kinds = ("train",) if options.train_only else ("forward", "train")
     specs = model_specs(options.models, options.backends, options.width, options.depth)
-    rows = []
+    measurements: list[Measurement] = []
     for input_size in options.input_sizes:
         for spec in specs:
             candidates = predict_batch_size(spec, input_size, kinds[-1], options)
             for batch_size in candidates:
-                measured = measure_model(
-                    spec, input_size, batch_size, options, kinds=kinds, peak_rate=rate
-                )
-                fits = all(r["status"] == "ok" for r in measured)
+                prepared = prepare_model(spec, input_size, batch_size, options, kinds)
+                if not options.interleave:
+                    time_all(prepared, options, rate)
+                fits = all(m.row.get("status", "ok") == "ok" for m in prepared)
                 if fits or batch_size == candidates[-1]:
-                    for row in measured:
-                        row["matmul_tflops"] = rate / 1e12
-                        rows.append(_with_context(row, options, spec.backend, batch_size))
+                    measurements += prepared
                     break
-    return rows
+    if options.interleave:
+        time_all(measurements, options, rate)
+    return [
+        _with_context({**m.row, "matmul_tflops": rate / 1e12}, options, m.backend, m.batch_size)
+        for m in measurements
+    ]
 
 
 def run_scaling(options: Options) -> list[Row]:
     """Forward and train-step time and peak memory against sequence length."""
     specs = model_specs(options.models, options.backends, options.width, options.depth)
     (batch_size,) = options.batch_sizes[:1]
-    rows = []
+    measurements: list[Measurement] = []
     for spec in specs:
         for input_size in options.input_sizes:
-            for row in measure_model(spec, input_size, batch_size, options):
-                rows.append(_with_context(row, options, spec.backend, batch_size))
-    return rows
+            prepared = prepare_model(spec, input_size, batch_size, options)
+            if not options.interleave:
+                time_all(prepared, options)
+            measurements += prepared
+    if options.interleave:
+        time_all(measurements, options)
+    return [_with_context(m.row, options, m.backend, batch_size) for m in measurements]
 
 
 def scaling_summary(rows: Sequence[Row], fit_range: tuple[int, int]) -> list[Row]:
@@ -616,19 +655,21 @@ def _bidirectional_steps(width: int, length: int, batch: int, options: Options, 
 def run_ssm(options: Options) -> list[Row]:
     """The bidirectional SSM layer per backend and length: forward and forward+backward."""
     (batch_size,) = options.batch_sizes[:1]
-    rows = []
     variants = [
         (backend, chunk)
         for backend in options.backends
         for chunk in (options.chunk_sizes if backend == "chunked" else (None,))
     ]
+    measurements = []
     for backend, chunk in variants:
         for length in options.lengths:
             fns, args = _bidirectional_steps(
                 options.width, length, batch_size, options, backend, chunk or ssm.DEFAULT_CHUNK_SIZE
             )
             for kind, fn in zip(("forward", "forward+backward"), fns, strict=True):
+                start = time.perf_counter()
                 compiled = jax.jit(fn).lower(*args).compile()
+                step = _Step(None, fn, compiled, args, None, time.perf_counter() - start)
                 row: Row = dict(
                     layer=f"BidirectionalSSM [{backend}{f', T={chunk}' if chunk else ''}]",
                     kind=kind,
@@ -639,16 +680,9 @@ def run_ssm(options: Options) -> list[Row]:
                     dense_gflop=dense_flops(fn, *args) / 1e9,
                     **memory_stats(compiled),
                 )
-                row.update(
-                    time_calls(
-                        compiled,
-                        args,
-                        repeats=options.repeats,
-                        time_budget_s=options.time_budget_s,
-                    )
-                )
-                rows.append(_with_context(row, options, backend, batch_size))
-    return rows
+                measurements.append(Measurement(row, step, batch_size, backend))
+    time_all(measurements, options)
+    return [_with_context(m.row, options, m.backend, batch_size) for m in measurements]
 
 
 def kernel_memory(channels: int = 1152, state_size: int = 64, length: int = 4096) -> list[Row]:

@@ -36,6 +36,9 @@ flags.DEFINE_float("time_budget_s", _DEFAULTS.time_budget_s, "Stop repeating aft
 flags.DEFINE_float("memory_cap_gb", None, "Skip configs predicted above this (GiB).")
 flags.DEFINE_bool("scan_layers", _DEFAULTS.scan_layers, "nn.scan over layers (fast compile).")
 flags.DEFINE_bool("train_only", _DEFAULTS.train_only, "throughput: train step only.")
+flags.DEFINE_bool(
+    "interleave", _DEFAULTS.interleave, "Time configurations round-robin (shared machines)."
+)
 flags.DEFINE_integer("matmul_size", None, "Side of the matmul that measures the peak rate.")
 flags.DEFINE_list("lengths", None, "ssm mode: sequence lengths.")
 flags.DEFINE_list("chunk_sizes", None, "ssm mode: chunk sizes T of the chunked backend.")
@@ -77,6 +80,7 @@ def main(argv):
         memory_cap_gb=FLAGS.memory_cap_gb,
         scan_layers=FLAGS.scan_layers,
         train_only=FLAGS.train_only,
+        interleave=FLAGS.interleave,
         matmul_size=FLAGS.matmul_size,
         lengths=ints("lengths", _DEFAULTS.lengths),
         chunk_sizes=ints("chunk_sizes", _DEFAULTS.chunk_sizes),
