@@ -274,10 +274,13 @@ def fft_causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
     length = u.shape[1]
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u_f = jnp.fft.rfft(jnp.swapaxes(u.astype(dtype), 1, 2), n=n_fft)  # (B, H, F)
-    k_f = jnp.fft.rfft(kernel.astype(dtype), n=n_fft)  # (H, F)
-    y = jnp.fft.irfft(u_f * k_f, n=n_fft)[..., :length]
-    return jnp.swapaxes(y, 1, 2)
+    batch, _, channels = u.shape
+    rows = jnp.swapaxes(u.astype(dtype), 1, 2).reshape(batch * channels, length)
+    u_f = _rows_fft(jnp.fft.rfft, rows, n_fft).reshape(batch, channels, -1)  # (B, H, F)
+    k_f = _rows_fft(jnp.fft.rfft, kernel.astype(dtype), n_fft)  # (H, F)
+    products = (u_f * k_f).reshape(batch * channels, -1)
+    y = _rows_fft(jnp.fft.irfft, products, n_fft)[:, :length]
+    return jnp.swapaxes(y.reshape(batch, channels, length), 1, 2)
 
 
 def _combine_linear_recurrences(first, second):
@@ -470,14 +473,27 @@ def bidirectional_ssm(
         raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u_f = jnp.fft.rfft(jnp.swapaxes(u.astype(dtype), 1, 2), n=n_fft)  # (B, H, F)
+    rows = jnp.swapaxes(u.astype(dtype), 1, 2).reshape(batch * channels, length)
+    u_f = _rows_fft(jnp.fft.rfft, rows, n_fft).reshape(batch, 1, channels, -1)  # (B, 1, H, F)
     kernels = s4d_kernel(*both[:3], length).astype(dtype)  # (2H, L)
     kernels = kernels.at[:, 0].add(both[3].astype(dtype))  # D u: D at lag 0
-    kernels_f = jnp.fft.rfft(kernels, n=n_fft).reshape(2, channels, -1)
+    kernels_f = _rows_fft(jnp.fft.rfft, kernels, n_fft).reshape(2, channels, -1)
     # Circular correlation sum_j K[j] u[l + j mod n] has no wrap-around for l, j < L <= n - L + 1.
     kernels_f = jnp.stack([kernels_f[0], jnp.conj(kernels_f[1])])  # (2, H, F)
-    y = jnp.fft.irfft(u_f[:, None] * kernels_f, n=n_fft)[..., :length]  # (B, 2, H, L)
+    products = (u_f * kernels_f).reshape(batch * 2 * channels, -1)
+    y = _rows_fft(jnp.fft.irfft, products, n_fft)[:, :length]  # (B * 2H, L)
     return y.reshape(batch, 2 * channels, length).swapaxes(1, 2)
+
+
+def _rows_fft(transform, rows: jax.Array, n_fft: int) -> jax.Array:
+    """`transform` (rfft / irfft) of each row of a 2-D array.
+
+    XLA:CPU's FFT needs its operand in row-major layout. On a 3-D operand produced by a
+    transpose, layout assignment in a sharded (SPMD) program can pick another layout and the
+    FFT fails a RET_CHECK in fft_thunk (seen with the batch split over 8 devices); flattening
+    to rows first keeps the operand row-major (tests/test_training.py covers the sharded case).
+    """
+    return transform(rows, n=n_fft)
 
 
 # ----------------------------------------------------------------------------- references
