@@ -15,7 +15,6 @@ from typing import Any
 import grain
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -124,11 +123,14 @@ class Checkpointer:
         self.manager.close()
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
+    return jax.numpy.all(jax.numpy.asarray([jax.numpy.isfinite(x).all() for x in leaves]))
+
+
 def all_finite(tree: Any) -> bool:
     """True if every float leaf is finite (checked before a checkpoint is written)."""
-    finite = [
-        jax.numpy.isfinite(leaf).all()
-        for leaf in jax.tree.leaves(tree)
-        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
-    ]
-    return bool(np.all(jax.device_get(finite))) if finite else True
+    if not jax.tree.leaves(tree):
+        return True
+    return bool(_all_finite(tree))

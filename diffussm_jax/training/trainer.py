@@ -176,7 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         if not checkpoint.all_finite(state.params):
             logging.error("step %d: parameters are not finite; checkpoint NOT written.", step)
             return
-        checkpointer.save(step, state, data_iterator, config, force=force)
+        to_save = state
+        if jax.devices()[0].platform == "cpu":
+            # On CPU, orbax's "device to host" transfer can alias the device buffers, which the
+            # next train step donates while the async write may still read them: save a copy.
+            to_save = jax.tree.map(lambda x: x.copy(), state)
+        checkpointer.save(step, to_save, data_iterator, config, force=force)
         last_saved = step
 
     step = start_step
