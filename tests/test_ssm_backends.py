@@ -95,20 +95,12 @@ def test_factored_kernel_equals_vandermonde(length):
 
 
 def test_fft_size():
-    assert [ssm.fft_size(n) for n in (1, 2, 3, 7, 513, 2047, 4095, 4097)] == [
-        1,
-        2,
-        3,
-        8,
-        640,
-        2048,
-        4096,
-        5120,
-    ]
+    sizes = [ssm.fft_size(n) for n in (1, 2, 3, 7, 199, 513, 2047, 4095, 4607, 18431)]
+    assert sizes == [1, 2, 3, 8, 240, 576, 2048, 4096, 4608, 18432]
     for n in range(1, 3000):
         size = ssm.fft_size(n)
         odd = size >> (size & -size).bit_length() - 1
-        assert size >= n and odd in (1, 3, 5) and size < 2 * n
+        assert size >= n and odd in ssm.FFT_ODD_FACTORS and size < 2 * n
 
 
 def test_chunked_backend_memory_has_no_length_by_state_tensor():
