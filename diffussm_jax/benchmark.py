@@ -22,7 +22,7 @@ Conventions, the same for every model:
            ahead of time. The minimum because the machine may be shared: other processes only
            ever add time. By default (`interleave`) all configurations of a run are timed in
            round-robin rounds, so that such load falls on all of them alike; the 1-minute load
-           average at the last timed call is recorded beside each row.
+           average when the timing ended is recorded beside each row.
   flops    "xla": XLA's cost analysis (HloCostAnalysis) of the compiled step, which counts every
            op (elementwise, FFTs, dots). XLA counts a loop body once, so for scanned layers
            (`scan_layers`) the per-layer cost comes from unrolled depth-1 and depth-2 lowerings.
