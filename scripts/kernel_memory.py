@@ -1,6 +1,6 @@
 """Peak temporary memory of S4D kernel generation at D=1152, N=64, L=4096 (compiled, abstract).
 
-    python scripts/kernel_memory.py
+python scripts/kernel_memory.py
 """
 
 import jax
