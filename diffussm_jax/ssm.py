@@ -48,7 +48,8 @@ KERNEL_CHUNK_ELEMENTS = 1 << 20
 # complex64 state holds at most this many elements (64 MiB per array of the scan).
 SCAN_STATE_ELEMENTS = 1 << 23
 # Chunk length T of the chunked backend: T MACs per element go to the Toeplitz matmul and 2N to
-# the state, and L/T chunks to the sequential part; 64 balances them for N = 64 (NOTES.md).
+# the state, and L/T chunks to the sequential part; 64 was fastest from L = 8192 on, within noise
+# of 32 below (docs/benchmarks/README.md, ssm.md).
 DEFAULT_CHUNK_SIZE = 64
 
 # An SSM's parameters as the pure functions take them: log_dt (H,), a (H, N/2) complex,
