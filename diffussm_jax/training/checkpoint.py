@@ -77,13 +77,6 @@ class Checkpointer:
         logging.info("Restored checkpoint step %d from %s", step, self.directory)
         return restored[STATE], step
 
-    def saved_config(self, step: int | None = None) -> dict[str, Any]:
-        step = self.latest_step() if step is None else step
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-        )
-        return restored[CONFIG]
-
     def _check_compatible(self, step: int, abstract_state: Any) -> None:
         """Names every parameter whose shape differs, instead of orbax's first-failure error."""
         saved = self.manager.item_metadata(step)[STATE]
