@@ -31,7 +31,16 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "ruff"],
-        # Reference checks against PyTorch implementations (CPU wheel on this machine).
-        "reference": ["torch==2.13.0"],
+        # Reference checks against the PyTorch implementations we port: diffusers' AutoencoderKL
+        # and pytorch-fid's InceptionV3. pytorch-fid needs torchvision, which does not import
+        # beside torch 2.13.0, so the pair that installs together from this machine's disk is
+        # pinned (a CUDA build that runs on the CPU). Only the tests and the converters use it.
+        "reference": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "diffusers",
+            "pytorch-fid",
+            "safetensors",
+        ],
     },
 )
