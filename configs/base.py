@@ -59,6 +59,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.latent_scale = optional(float)  # e.g. 0.18215 for Stable Diffusion latents
     config.data.worker_count = 0
 
+    # Frozen VAE of latent datasets (diffussm_jax.vae): decodes sample grids and launch.sample.
+    config.vae = ml_collections.ConfigDict()
+    # Directory with diffusers' config.json + diffusion_pytorch_model.safetensors (docs/latents.md).
+    config.vae.path = optional(str)
+
     # Diffusion (spec section 5).
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_timesteps = 1000
