@@ -105,6 +105,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sampling.per_class = 4  # grid: one row per class (conditional models)
     config.sampling.num_classes_in_grid = 10
     config.sampling.num_unconditional = 16
+
+    # In-training FID on a small sample every `fid_every_steps` (diffussm_jax.training.fid_eval),
+    # logged as eval/* metrics. Embedded digits: the offline digits classifier scores the samples;
+    # other data: Inception features against the reference batch's statistics (both paths set).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.fid_every_steps = 0  # 0: off
+    config.eval.fid_num_samples = 1000
+    config.eval.batch_size = optional(int)  # unset: global_batch_size
+    config.eval.sampler = optional(str)  # unset: config.sampling.sampler
+    config.eval.steps = optional(int)  # unset: config.sampling.steps
+    config.eval.cfg_scale = optional(float)  # unset: config.sampling.cfg_scale; 1.0: no guidance
+    config.eval.inception_path = optional(str)  # converted weights (launch/convert_inception.py)
+    config.eval.reference_path = optional(str)  # ADM reference batch with mu/sigma
     return config
 
 
