@@ -21,9 +21,10 @@ def get_config(arg: str | None = None):
     config.dtype = "float32"  # bfloat16 is slow on CPUs
     config.model_overrides.hidden_size = 64
     config.model_overrides.depth = 4
-    config.model_overrides.state_size = 16
     if config.model.startswith("DiT"):
         config.model_overrides.num_heads = 4
+    else:
+        config.model_overrides.state_size = 16
 
     config.global_batch_size = 32
     config.num_train_steps = 1200
@@ -42,7 +43,8 @@ def get_config(arg: str | None = None):
     if args.smoke:  # a tiny model for tests and quick checks: 20 steps in well under a minute
         config.model_overrides.hidden_size = 32
         config.model_overrides.depth = 2
-        config.model_overrides.state_size = 8
+        if not config.model.startswith("DiT"):
+            config.model_overrides.state_size = 8
         config.global_batch_size = 16
         config.num_train_steps = 20
         config.warmup_steps = 0

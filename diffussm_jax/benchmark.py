@@ -168,6 +168,9 @@ def memory_stats(compiled: Any) -> dict[str, float]:
 
 def xla_flops(lowered_or_compiled: Any) -> float:
     cost = lowered_or_compiled.cost_analysis()
+    if cost is None and hasattr(lowered_or_compiled, "compile"):
+        # Backends without a pre-compilation cost model (XLA:GPU) count FLOPs after compiling.
+        cost = lowered_or_compiled.compile().cost_analysis()
     if isinstance(cost, list | tuple):  # older jax returned one dict per computation
         cost = cost[0]
     return float(cost["flops"])

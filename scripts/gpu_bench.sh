@@ -6,9 +6,9 @@
 # others (compiled memory_analysis), the chosen one is compiled, checked, and timed.
 # Prints one table; writes $OUT_DIR/throughput.{md,csv,png}.
 #
-# Status: NOT YET RUN ON A GPU (no accelerator was available when it was written). Budget:
-# 6 configurations x 2 compiles of a scanned XL train step + 3 timed steps each; expected to
-# finish in < 8 minutes on one H100, to be confirmed by the first run.
+# Status: its 256 px part ran on one H100 (115 s for 3 configurations at batches 32,16; numbers in
+# docs/benchmarks/README.md, "On one H100"); the full command has not run yet. DiffuSSM-XL needs
+# 79 GiB at batch 32 without remat, so expect batch 16 at 256 px on an 80 GB card.
 #
 #   bash scripts/gpu_bench.sh           # on the accelerator machine, from any directory
 #   bash scripts/gpu_bench.sh --tiny    # the same code path at toy sizes on CPU (tests use it)
