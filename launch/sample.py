@@ -2,6 +2,8 @@
 
     python -m launch.sample --workdir=runs/quickstart --num_samples=64 --output=runs/q/s.npz \
         --sampler=dpm++2m --steps=25 --cfg_scale=2 --labels=0,1,2 --seed=0
+    python -m launch.sample --workdir=runs/imagenet256 --num_samples=64 --output=s.npz \
+        --vae=weights/sd-vae-ft-ema      # latent models: the VAE that decodes (docs/latents.md)
 """
 
 from absl import app, flags
@@ -18,6 +20,9 @@ flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 disable
 flags.DEFINE_list("labels", None, "Class labels to cycle through (default: uniform random).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (default: the run's global batch).")
+flags.DEFINE_string(
+    "vae", None, "Latent models: diffusers VAE directory (default: the run's config.vae.path)."
+)
 flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -34,6 +39,7 @@ def main(argv):
         labels=[int(label) for label in FLAGS.labels] if FLAGS.labels else None,
         seed=FLAGS.seed,
         batch_size=FLAGS.batch_size,
+        vae_path=FLAGS.vae,
     )
     print(f"samples: {paths['npz']}\ngrid:    {paths['png']}")
 

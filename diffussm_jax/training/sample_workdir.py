@@ -1,7 +1,8 @@
 """Sample a trained run: restore the newest checkpoint of a workdir and write an ADM-style .npz.
 
 The .npz holds `arr_0` (N, H, W, C) uint8 (round((x + 1) * 127.5), clipped) and `arr_1` (N,)
-int labels; a PNG grid of the first samples is written beside it.
+int labels; a PNG grid of the first samples is written beside it. Latent models are decoded
+through the frozen VAE (`config.vae.path`, or `vae_path`), so `arr_0` always holds images.
 """
 
 from __future__ import annotations
@@ -55,15 +56,18 @@ def sample_to_npz(
     seed: int = 0,
     batch_size: int | None = None,
     guidance_channels: int | None = None,
+    vae_path: str | None = None,
 ) -> dict[str, str]:
     """Draws `num_samples` from the EMA params; labels cycle through `labels` or are uniform.
 
-    Unset sampler / steps / cfg_scale take the run's `config.sampling` values.
+    Unset sampler / steps / cfg_scale take the run's `config.sampling` values; `vae_path`
+    overrides the run's `config.vae.path` (latent models only).
     Returns the paths written ({"npz", "png"}).
     """
     workdir = os.path.abspath(workdir)
     config = load_config(workdir)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    decoder = sampling.latent_decoder(config, vae_path)  # before the slow restore: fail fast
     model, params, step = restore_ema_params(workdir, config, mesh)
     sampler = sampler or config.sampling.sampler
     steps = steps or config.sampling.steps
@@ -88,6 +92,7 @@ def sample_to_npz(
         steps=steps,
         cfg_scale=cfg_scale,
         guidance_channels=guidance_channels,
+        decoder=decoder,
     )
     batch_size = batch_size or config.global_batch_size
     key = jax.random.key(seed)
@@ -112,6 +117,7 @@ def sample_to_npz(
             steps=steps,
             cfg_scale=cfg_scale,
             seed=seed,
+            vae=None if decoder is None else (vae_path or config.vae.path),
             uint8="round((x + 1) * 127.5) clipped to [0, 255]",
         )
         tmp = output + ".tmp.npz"

@@ -1,17 +1,107 @@
-"""Sampling from a trained state: jitted, sharded over the mesh, labels laid out for grids."""
+"""Sampling from a trained state: jitted, sharded over the mesh, labels laid out for grids.
+
+Latent models (`config.data.latent_scale` set) sample latents; a `LatentDecoder` (the frozen
+VAE of `config.vae.path`) turns them into images, so every caller of a sample function gets
+(B, H, W, C) images in [-1, 1] whatever space the model works in:
+
+    decoder = latent_decoder(config)                  # None for pixel-space configs
+    sample_fn = make_sample_fn(model, diffusion, mesh, sampler=..., steps=..., cfg_scale=...,
+                               decoder=decoder)
+    images = draw(sample_fn, params, rng, labels, mesh)
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffussm_jax import diffusion as diffusion_lib
+from diffussm_jax import vae as vae_lib
 from diffussm_jax.training import sharding
+
+
+class LatentDecoder:
+    """Scaled latents (B, h, w, c) -> images (B, h*f, w*f, 3) in [-1, 1] through the frozen VAE.
+
+    Latents are divided by `latent_scale` (the factor training multiplied them by) and decoded
+    in chunks of `per_device_batch` per local device, since the decoder's activations at full
+    resolution are far larger than the diffusion model's. The decoder runs on this process's
+    devices only (each process decodes the whole batch), so it needs no cross-host arrays.
+    """
+
+    def __init__(
+        self,
+        model: vae_lib.AutoencoderKL,
+        params: Any,
+        latent_scale: float,
+        per_device_batch: int = 4,
+    ):
+        self.model = model
+        self.latent_scale = float(latent_scale)
+        mesh = Mesh(np.asarray(jax.local_devices()), ("batch",))
+        self.chunk = per_device_batch * mesh.devices.size
+        self.params = jax.device_put(params, sharding.replicated(mesh))
+        batch = NamedSharding(mesh, PartitionSpec("batch"))
+
+        def decode(params, latents):
+            images = model.apply(
+                {"params": params}, latents / self.latent_scale, method=model.decode
+            )
+            return jnp.clip(images, -1.0, 1.0)
+
+        self._decode = jax.jit(decode, in_shardings=(sharding.replicated(mesh), batch))
+
+    def __call__(self, latents: jax.Array | np.ndarray) -> np.ndarray:
+        """latents: (B, h, w, c), any B. Returns (B, H, W, out_channels) float32 numpy."""
+        latents = np.asarray(jax.device_get(latents), np.float32)
+        chunks = []
+        for start in range(0, len(latents), self.chunk):
+            part = latents[start : start + self.chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], self.chunk - len(part), axis=0)])
+            chunks.append(
+                np.asarray(jax.device_get(self._decode(self.params, padded)))[: len(part)]
+            )
+        return np.concatenate(chunks)
+
+
+def latent_decoder(
+    config: ml_collections.ConfigDict, vae_path: str | None = None
+) -> LatentDecoder | None:
+    """The decoder for a latent-space config (None in pixel space: `data.latent_scale` unset).
+
+    `vae_path` overrides `config.vae.path`.
+
+    Raises:
+      ValueError: a latent config without a VAE path, or a VAE whose latent channels differ.
+      vae.VAEWeightsNotFoundError / vae.VAEWeightsError: missing or unusable weights.
+    """
+    if not config.data.latent_scale:
+        return None
+    vae_config = config.get("vae")  # runs from before the field existed have none
+    vae_path = vae_path or (vae_config.path if vae_config is not None else None)
+    if not vae_path:
+        raise ValueError(
+            f"Dataset {config.data.name!r} holds VAE latents (data.latent_scale="
+            f"{config.data.latent_scale}), so images need the VAE decoder: set "
+            "--config.vae.path=/path/to/sd-vae-ft-ema (launch.sample: --vae=...); "
+            "docs/latents.md says where to get it. To train without sample grids, set "
+            "--config.sample_every_steps=0."
+        )
+    model, params = vae_lib.load(os.path.expanduser(vae_path))
+    if model.config.latent_channels != config.data.channels:
+        raise ValueError(
+            f"The VAE in {vae_path} has {model.config.latent_channels} latent channels, the "
+            f"config's data.channels is {config.data.channels}: is it the VAE that extracted "
+            f"{config.data.name!r}?"
+        )
+    return LatentDecoder(model, params, config.data.latent_scale)
 
 
 def make_sample_fn(
@@ -23,9 +113,12 @@ def make_sample_fn(
     steps: int | str | None,
     cfg_scale: float | None,
     guidance_channels: int | None = None,
+    decoder: LatentDecoder | None = None,
 ):
-    """Returns jitted `sample(params, rng, labels (B,)) -> (B, H, W, C)` in model range.
+    """Returns `sample(params, rng, labels (B,)) -> (B, H, W, C)` images in [-1, 1].
 
+    Without a decoder: the jitted sampler, in model range. With one: the sampled latents go
+    through `decoder` (a numpy result of the decoded image shape).
     B must be a multiple of the device count (see `pad_to_devices`). Unconditional models
     ignore `labels` and never use guidance.
     """
@@ -51,7 +144,10 @@ def make_sample_fn(
             sharding=batch_sharding,
         )
 
-    return jax.jit(sample, out_shardings=sharding.replicated(mesh))
+    sample = jax.jit(sample, out_shardings=sharding.replicated(mesh))
+    if decoder is None:
+        return sample
+    return lambda params, rng, labels: decoder(sample(params, rng, labels))
 
 
 def pad_to_devices(labels: np.ndarray, mesh: Mesh) -> tuple[np.ndarray, int]:
