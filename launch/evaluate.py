@@ -1,6 +1,12 @@
-"""Sample a trained run and score the samples (digits: offline classifier metrics).
+"""Sample a trained run by the FID protocol, write ADM's .npz, and score it.
 
-python -m launch.evaluate --workdir=runs/quickstart --num_samples=1000
+python -m launch.evaluate --workdir=runs/imagenet256 --num_samples=50000 --cfg_scale=1.5 \
+    --sampler=ddpm --steps=250 --inception=inception_fid.npz \
+    --reference=VIRTUAL_imagenet256_labeled.npz
+python -m launch.evaluate --workdir=runs/quickstart --num_samples=200 --labels=balanced
+
+Resumable: rerun the same command after an interruption and finished batches are kept.
+See docs/evaluation.md for the protocol and for running ADM's evaluator on the .npz.
 """
 
 import json
@@ -11,11 +17,17 @@ from diffussm_jax.training import evaluate_workdir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
-flags.DEFINE_integer("num_samples", 1000, "Number of samples (labels cycle over the classes).")
+flags.DEFINE_integer("num_samples", 50_000, "Number of samples (FID-50K: 50000).")
 flags.DEFINE_string("sampler", None, "ddpm | ddim | dpm++2m (default: the run's config).")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config).")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 disables it.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("seed", 0, "Seed of the labels and the sampling noise.")
+flags.DEFINE_integer("batch_size", None, "Images per sampling call (default: global batch).")
+flags.DEFINE_enum("labels", "uniform", ["uniform", "balanced"], "Uniform draws or cycling.")
+flags.DEFINE_integer("guidance_channels", None, "Guide the first C channels only (DiT).")
+flags.DEFINE_string("inception", None, "Converted Inception weights (.npz / .safetensors).")
+flags.DEFINE_string("reference", None, "ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz.")
+flags.DEFINE_string("output_dir", None, "Where samples and scores go (default: <workdir>/eval).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -29,6 +41,12 @@ def main(argv):
         steps=FLAGS.steps,
         cfg_scale=FLAGS.cfg_scale,
         seed=FLAGS.seed,
+        batch_size=FLAGS.batch_size,
+        labels=FLAGS.labels,
+        guidance_channels=FLAGS.guidance_channels,
+        inception_path=FLAGS.inception,
+        reference_path=FLAGS.reference,
+        output_dir=FLAGS.output_dir,
     )
     print(json.dumps(result, indent=2))
 

@@ -6,16 +6,20 @@ library's Schur-method sqrtm, and precision/recall are checked against full dist
 so a shared mistake is unlikely.
 """
 
+import json
 import logging
 import os
+import zipfile
 
 import numpy as np
 import pytest
 from flax import traverse_util
 from scipy import linalg, stats
 
-from diffussm_jax import data
-from diffussm_jax.evaluation import digits, metrics
+from configs import quickstart
+from diffussm_jax import data, training
+from diffussm_jax.evaluation import digits, inception, metrics
+from diffussm_jax.training import evaluate_workdir, fid_eval, sample_workdir, sharding, trainer
 
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
@@ -437,3 +441,252 @@ def test_classifier_training_is_deterministic():
     flat_second = traverse_util.flatten_dict(second)
     for name, value in traverse_util.flatten_dict(first).items():
         np.testing.assert_array_equal(flat_second[name], value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocol pieces: labels, the streamed sample file
+
+
+def test_draw_labels_uniform_seeded_balanced_and_unconditional():
+    first = metrics.draw_labels(100_000, 10, seed=3, mode="uniform")
+    np.testing.assert_array_equal(first, metrics.draw_labels(100_000, 10, seed=3, mode="uniform"))
+    assert not np.array_equal(first, metrics.draw_labels(100_000, 10, seed=4, mode="uniform"))
+    # Uniform over the classes: chi-square test at the 0.1% level (9 degrees of freedom).
+    counts = np.bincount(first, minlength=10)
+    assert stats.chisquare(counts).pvalue > 1e-3 and first.min() == 0 and first.max() == 9
+    np.testing.assert_array_equal(
+        metrics.draw_labels(12, 5, seed=0, mode="balanced"), [0, 1, 2, 3, 4] * 2 + [0, 1]
+    )
+    np.testing.assert_array_equal(metrics.draw_labels(4, 0, seed=0, mode="uniform"), np.zeros(4))
+    with pytest.raises(ValueError, match="balanced"):
+        metrics.draw_labels(4, 10, seed=0, mode="cycle")
+
+
+def test_streamed_sample_file_equals_savez(tmp_path):
+    images = np.random.default_rng(16).integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
+    labels = np.arange(7)
+    streamed, direct = tmp_path / "streamed.npz", tmp_path / "direct.npz"
+    metrics.save_sample_batch_streamed(streamed, [images[:3], images[3:]], images.shape, labels)
+    metrics.save_sample_batch(direct, images, labels)
+    # The .npy members are byte-identical to np.savez's (ADM's streaming reader parses them).
+    with zipfile.ZipFile(streamed) as a, zipfile.ZipFile(direct) as b:
+        assert a.read("arr_0.npy") == b.read("arr_0.npy")
+        assert a.read("arr_1.npy") == b.read("arr_1.npy")
+    np.testing.assert_array_equal(metrics.load_reference_batch(streamed).images, images)
+    with pytest.raises(ValueError, match="expected 8"):
+        metrics.save_sample_batch_streamed(streamed, [images], (8, 4, 5, 3))
+    with pytest.raises(ValueError, match="does not fit"):
+        metrics.save_sample_batch_streamed(streamed, [images[..., :1]], images.shape)
+    # A failed write leaves the previous file intact.
+    np.testing.assert_array_equal(metrics.load_reference_batch(streamed).images, images)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch.evaluate's library: resumable sampling, the sample file, scores; in-training FID
+
+
+def _smoke_config(**fields):
+    config = quickstart.get_config("smoke")
+    with config.unlocked():
+        config.data.data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
+        config.num_train_steps = 2
+        config.checkpoint_every_steps = 2
+        config.sample_every_steps = 0
+        for key, value in fields.items():
+            target = config
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target[parent]
+            target[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A 2-step smoke run (tiny DiffuSSM on the digits) with a checkpoint at step 2."""
+    workdir = str(tmp_path_factory.mktemp("smoke_run"))
+    training.train_and_evaluate(_smoke_config(), workdir)
+    return workdir
+
+
+# 20 samples in batches of 8 (the 8 test devices): 3 batches, the last one padded.
+EVAL_ARGS = dict(num_samples=20, steps=2, batch_size=8, seed=5)
+
+
+@pytest.fixture(scope="module")
+def straight_evaluation(trained_workdir, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("eval_straight"))
+    return evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+
+
+def _load_samples(path):
+    with np.load(path, allow_pickle=False) as f:
+        return f["arr_0"], f["arr_1"]
+
+
+def test_evaluate_writes_adm_file_and_digit_scores(straight_evaluation):
+    result = straight_evaluation
+    images, labels = _load_samples(result["samples"])
+    assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 1)
+    np.testing.assert_array_equal(labels, metrics.draw_labels(20, 10, seed=5, mode="uniform"))
+    name = os.path.basename(result["samples"])
+    # The name records model, step, N x shape, sampler + steps, cfg and seed.
+    assert name == "samples_DiffuSSM-S_step2_20x32x32x1_dpm++2m2_cfg3_seed5.npz"
+    assert (result["model"], result["step"], result["steps"], result["cfg_scale"]) == (
+        "DiffuSSM-S",
+        2,
+        2,
+        3.0,
+    )
+    assert "round((x + 1) * 127.5)" in result["uint8"]
+    with open(result["samples"][: -len(".npz")] + ".json") as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert result["num_samples"] == 20 and 0 <= result["accuracy"] <= 1
+    assert result["frechet_distance"] > 0 and result["classifier_test_accuracy"] > 0.95
+    assert os.path.isfile(result["grid"])
+
+
+def test_evaluate_resumes_after_interruption_identically(
+    trained_workdir, straight_evaluation, tmp_path, monkeypatch
+):
+    output_dir = str(tmp_path)
+    true_draw = evaluate_workdir.sampling.draw
+    calls = []
+
+    def draw_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill during the second batch")
+        return true_draw(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_workdir.sampling, "draw", draw_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+    (shard_dir,) = [p for p in os.listdir(output_dir) if p.endswith(".shards")]
+    shard_dir = os.path.join(output_dir, shard_dir)
+    assert sorted(os.listdir(shard_dir)) == ["batch_000000.npz", "manifest.json"]
+
+    def counting_draw(*args, **kwargs):
+        calls.append(1)
+        return true_draw(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_workdir.sampling, "draw", counting_draw)
+    calls.clear()
+    resumed = evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+    assert len(calls) == 2  # batch 0 was kept
+    for got, want in zip(
+        _load_samples(resumed["samples"]),
+        _load_samples(straight_evaluation["samples"]),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    assert resumed["frechet_distance"] == straight_evaluation["frechet_distance"]
+
+    # A corrupt shard is drawn again; the rest are kept.
+    with open(os.path.join(shard_dir, "batch_000001.npz"), "wb") as f:
+        f.write(b"torn write")
+    calls.clear()
+    again = evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(
+        _load_samples(again["samples"])[0], _load_samples(straight_evaluation["samples"])[0]
+    )
+    # Other settings in the same directory are refused rather than mixed in.
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_workdir.evaluate(
+            trained_workdir, output_dir=output_dir, labels="balanced", **EVAL_ARGS
+        )
+
+
+def _random_inception_file(path):
+    """He-initialised Inception weights with identity BatchNorm: finite, O(1) activations."""
+    rng = np.random.default_rng(17)
+    flat = {}
+    for name, shape in inception.expected_shapes().items():
+        if name.endswith("kernel"):
+            fan_in = int(np.prod(shape[:-1]))
+            flat[name] = rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+        elif name.endswith(("scale", "var")):
+            flat[name] = np.ones(shape, np.float32)
+        else:
+            flat[name] = np.zeros(shape, np.float32)
+    inception.save_variables(path, flat)
+
+
+def test_evaluate_with_inception_and_reference(
+    trained_workdir, straight_evaluation, tmp_path, monkeypatch
+):
+    """--inception/--reference: ADM's five numbers from our Inception, reference acts cached.
+
+    The network runs at 75 px (the smallest input it takes) instead of 299 to save CPU time;
+    test_inception.py checks the 299 px network against pytorch-fid's.
+    """
+    monkeypatch.setattr(inception, "INPUT_SIZE", 75)
+    weights = tmp_path / "inception.npz"
+    _random_inception_file(weights)
+    # A reference batch of 10 real digits (as ADM's: images plus pool/spatial statistics).
+    real, _ = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
+    reference_images = metrics.to_uint8(real[:10])
+    # Batches of 8 like evaluate's (its shards hold 8 images): one compilation for both.
+    extractor = inception.InceptionFeatures.from_file(weights, batch_size=8)
+    reference_acts = extractor(reference_images)
+    pool_stats = metrics.feature_statistics(reference_acts["pool"])
+    spatial_stats = metrics.feature_statistics(reference_acts["spatial"])
+    reference = tmp_path / "reference.npz"
+    np.savez(
+        reference,
+        arr_0=reference_images,
+        mu=pool_stats[0],
+        sigma=pool_stats[1],
+        mu_s=spatial_stats[0],
+        sigma_s=spatial_stats[1],
+    )
+    output_dir = os.path.dirname(straight_evaluation["samples"])  # reuses the finished shards
+    result = evaluate_workdir.evaluate(
+        trained_workdir,
+        output_dir=output_dir,
+        inception_path=str(weights),
+        reference_path=str(reference),
+        **EVAL_ARGS,
+    )
+    samples, _ = _load_samples(result["samples"])
+    sample_acts = extractor(samples)
+    expected = metrics.adm_metrics(
+        sample_pool=sample_acts["pool"],
+        sample_spatial=sample_acts["spatial"],
+        sample_predictions=sample_acts["adm_logits"],
+        from_logits=True,
+        reference_pool=reference_acts["pool"],
+        reference_batch=metrics.load_reference_batch(reference),
+    )
+    for name, value in expected.items():
+        assert result[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert result["fid"] > 0 and 1 <= result["inception_score"] <= 1008
+    cached = [p for p in os.listdir(output_dir) if p.startswith("reference_activations")]
+    assert len(cached) == 1
+    with pytest.raises(ValueError, match="both"):
+        evaluate_workdir.evaluate(trained_workdir, inception_path=str(weights), **EVAL_ARGS)
+
+
+def test_in_training_fid_hook(trained_workdir):
+    config = _smoke_config(**{"eval.fid_every_steps": 5, "eval.fid_num_samples": 12})
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    model, params, _ = sample_workdir.restore_ema_params(trained_workdir, config, mesh)
+    diffusion = trainer.create_diffusion(config)
+    assert fid_eval.InTrainingFID.from_config(_smoke_config(), model, diffusion, mesh) is None
+    hook = fid_eval.InTrainingFID.from_config(config, model, diffusion, mesh)
+    assert hook.scorer == "digits" and hook.batch_size == 16
+    assert [step for step in range(1, 16) if hook.due(step)] == [5, 10, 15]
+    first = hook(params)
+    assert set(first) == {"eval/digits_frechet_distance", "eval/digits_accuracy", "eval/seconds"}
+    # The same samples as the uint8 draw, scored by the digits classifier.
+    quality = digits.digits_quality(hook.sample(params), hook.labels, data_dir=config.data.data_dir)
+    assert first["eval/digits_frechet_distance"] == quality["frechet_distance"]
+    # Fixed labels and noise: the same weights give the same number at every evaluation.
+    assert hook(params)["eval/digits_frechet_distance"] == first["eval/digits_frechet_distance"]
+    other_data = _smoke_config(**{"eval.fid_every_steps": 5, "data.name": "imagenet2012"})
+    with pytest.raises(ValueError, match="inception_path"):
+        fid_eval.InTrainingFID.from_config(other_data, model, diffusion, mesh)
+    half = _smoke_config(**{"eval.fid_every_steps": 5, "eval.reference_path": "ref.npz"})
+    with pytest.raises(ValueError, match="together"):
+        fid_eval.InTrainingFID.from_config(half, model, diffusion, mesh)

@@ -18,9 +18,13 @@ The FID protocol behind the paper's numbers (spec section 5; DiT's `sample_ddp.p
        sFID             mixed_6/conv first 7 channels (17 x 17 x 7 = 2023-d) vs `mu_s`/`sigma_s`;
        Precision/Recall k=3 manifolds of pool_3 features, samples vs the reference's 10K images.
 
-This package holds those formulas as tested pure functions of the activations (`metrics`): they
-reproduce the evaluator's numbers once the activations come from the same Inception graph, which
-does not ship here. FID depends on N; report FID-50K only from 50,000 samples.
+This package holds those formulas as tested pure functions of the activations (`metrics`), and
+the network that produces them (`inception`): a Flax port of pytorch-fid's FID Inception-V3 that
+loads weights converted from pt_inception-2015-12-05 (`launch/convert_inception.py`) and matches
+pytorch-fid's network to float32 accuracy. Its preprocessing is pytorch-fid's (PyTorch bilinear
+resize, 2x - 1), which differs slightly from the TF graph's, so numbers for papers still come from
+ADM's evaluator run on our .npz (docs/evaluation.md). FID depends on N; report FID-50K only from
+50,000 samples.
 
 Without Inception (CI, the embedded digits), `digits_quality` scores class-conditional digit
 samples with a small cached CNN: classification accuracy against the requested labels and a
@@ -39,6 +43,7 @@ from diffussm_jax.evaluation.digits import (
 from diffussm_jax.evaluation.metrics import (
     ReferenceBatch,
     adm_metrics,
+    draw_labels,
     feature_statistics,
     fid,
     frechet_distance,
@@ -47,6 +52,7 @@ from diffussm_jax.evaluation.metrics import (
     manifold_radii,
     precision_recall,
     save_sample_batch,
+    save_sample_batch_streamed,
     sfid,
     sfid_features,
     to_uint8,
@@ -60,6 +66,7 @@ __all__ = [
     "adm_metrics",
     "default_cache_path",
     "digits_quality",
+    "draw_labels",
     "feature_statistics",
     "fid",
     "frechet_distance",
@@ -69,6 +76,7 @@ __all__ = [
     "manifold_radii",
     "precision_recall",
     "save_sample_batch",
+    "save_sample_batch_streamed",
     "sfid",
     "sfid_features",
     "to_uint8",

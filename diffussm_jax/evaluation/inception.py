@@ -303,7 +303,7 @@ def bilinear_resize_matrix(in_size: int, out_size: int, mode: str = "pytorch") -
     return matrix
 
 
-def preprocess(images: jax.Array, *, resize: str = "pytorch") -> jax.Array:
+def preprocess(images: jax.Array, *, resize: str = "pytorch", size: int | None = None) -> jax.Array:
     """uint8 or [0, 1] float images -> Inception input, as pytorch-fid's `InceptionV3.forward`.
 
     Args:
@@ -311,10 +311,12 @@ def preprocess(images: jax.Array, *, resize: str = "pytorch") -> jax.Array:
         divided by 255; floats must already be in [0, 1] (pytorch-fid's convention).
       resize: "pytorch" (pytorch-fid) or "tf1" (the TF graph's legacy resize); see
         `bilinear_resize_matrix`.
+      size: output side; None: `INPUT_SIZE` (299, what every reported number uses).
 
     Returns:
-      (B, 299, 299, 3) float32 in [-1, 1]: bilinear resize to 299 x 299, then 2x - 1.
+      (B, size, size, 3) float32 in [-1, 1]: bilinear resize, then 2x - 1.
     """
+    size = size or INPUT_SIZE
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"Expected (B, H, W, 1 or 3) images, got shape {images.shape}.")
     if images.dtype == jnp.uint8:
@@ -323,11 +325,11 @@ def preprocess(images: jax.Array, *, resize: str = "pytorch") -> jax.Array:
     if images.shape[-1] == 1:
         images = jnp.repeat(images, 3, axis=-1)
     _, height, width, _ = images.shape
-    if (height, width) != (INPUT_SIZE, INPUT_SIZE):
+    if (height, width) != (size, size):
         # Separable resize as two small matmuls: exact PyTorch arithmetic, no antialiasing
         # (jax.image.resize would antialias when downsampling 512px images).
-        rows = jnp.asarray(bilinear_resize_matrix(height, INPUT_SIZE, resize), jnp.float32)
-        cols = jnp.asarray(bilinear_resize_matrix(width, INPUT_SIZE, resize), jnp.float32)
+        rows = jnp.asarray(bilinear_resize_matrix(height, size, resize), jnp.float32)
+        cols = jnp.asarray(bilinear_resize_matrix(width, size, resize), jnp.float32)
         images = jnp.einsum(
             "oh,bhwc,pw->bopc", rows, images, cols, precision=jax.lax.Precision.HIGHEST
         )
@@ -603,6 +605,22 @@ def load_variables(path: str | os.PathLike) -> tuple[dict, bool]:
 # Batched feature extraction
 
 
+@functools.lru_cache(maxsize=4)
+def _feature_fn(include_fc: bool, resize: str, size: int):
+    """Jitted (variables, uint8 images) -> activations, shared by extractors (one compile)."""
+    model = InceptionV3(include_fc=include_fc)
+
+    def features(variables, images):
+        outputs = model.apply(variables, preprocess(images, resize=resize, size=size))
+        spatial = outputs["mixed_6"][..., :7]  # ADM's spatial[..., :7]
+        result = {"pool": outputs["pool"], "spatial": spatial.reshape(len(images), -1)}
+        if include_fc:
+            result["adm_logits"] = outputs["adm_logits"]
+        return result
+
+    return jax.jit(features)
+
+
 class InceptionFeatures:
     """Runs the FID Inception on uint8 images in fixed-size jitted batches.
 
@@ -629,17 +647,8 @@ class InceptionFeatures:
         self.include_fc = include_fc
         self.batch_size = batch_size
         self.sharding = sharding
-        model = InceptionV3(include_fc=include_fc)
-
-        def features(variables, images):
-            outputs = model.apply(variables, preprocess(images, resize=resize))
-            spatial = outputs["mixed_6"][..., :7]  # ADM's spatial[..., :7]
-            result = {"pool": outputs["pool"], "spatial": spatial.reshape(len(images), -1)}
-            if include_fc:
-                result["adm_logits"] = outputs["adm_logits"]
-            return result
-
-        self._features = jax.jit(features)
+        # Read at construction so tests can run the same graph at a smaller size (>= 75 px).
+        self._features = _feature_fn(include_fc, resize, INPUT_SIZE)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> InceptionFeatures:

@@ -1,21 +1,269 @@
-"""Evaluate a trained run: sample with the EMA weights, write the .npz, score what can be scored.
+"""Evaluate a trained run by the FID protocol: sample, write ADM's .npz, score what can be scored.
 
-For the embedded digits the samples are scored offline by the project's digit classifier
-(`evaluation.digits_quality`): accuracy against the requested classes and a Frechet distance in
-its feature space. For other datasets the .npz is what ADM's evaluator reads (see
-`diffussm_jax.evaluation` for the exact protocol).
+    evaluate(workdir, num_samples=50_000, sampler="ddpm", steps=250, cfg_scale=1.5,
+             inception_path="inception_fid.npz",
+             reference_path="VIRTUAL_imagenet256_labeled.npz")
+
+1. The EMA weights of the newest checkpoint draw `num_samples` images in batches of
+   `batch_size`, each batch one jitted call sharded over every device of every process. Labels
+   are drawn uniformly from the classes by a seeded numpy generator before sampling starts
+   (`labels="balanced"` cycles through the classes instead); batch b uses the key
+   fold_in(key(seed), first index of b), so the result does not depend on which batches ran in
+   which session.
+2. Each finished batch is converted to uint8 (`metrics.to_uint8`) and written atomically to
+   `<name>.shards/batch_<b>.npz`. A restarted evaluation with the same settings skips the
+   batches already on disk (a manifest in the shard directory records the settings; different
+   settings in the same directory are an error, not a silent mix).
+3. The shards are streamed into `<name>.npz`: `arr_0` uint8 (N, H, W, C), `arr_1` labels, the
+   file ADM's `evaluator.py` reads. `<name>` records model, step, N, sampler, steps, cfg scale
+   and seed; `<name>.json` holds the same metadata (and the uint8 conversion) plus the metrics.
+4. Scores: the embedded digits get the offline classifier metrics (`evaluation.digits_quality`);
+   given converted Inception weights and an ADM reference batch, all five ADM metrics come from
+   this package's Flax Inception (`evaluation.inception`), whose preprocessing is pytorch-fid's;
+   for numbers comparable with papers run ADM's evaluator on `<name>.npz` (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 
+import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from diffussm_jax import data, evaluation
-from diffussm_jax.training import sample_workdir
+from diffussm_jax.evaluation import inception as inception_lib
+from diffussm_jax.training import metrics, sample_workdir, sampling, sharding, trainer
+
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """Everything that decides the sample file's content (recorded in its manifest)."""
+
+    model: str
+    step: int
+    num_samples: int
+    sampler: str
+    steps: int | None
+    cfg_scale: float | None
+    seed: int
+    batch_size: int
+    labels: str
+    guidance_channels: int | None
+    image_shape: tuple[int, int, int]
+
+    def name(self) -> str:
+        model = re.sub(r"[^A-Za-z0-9.+-]+", "-", self.model)
+        cfg = "none" if self.cfg_scale in (None, 1.0) else f"{self.cfg_scale:g}"
+        return (
+            f"samples_{model}_step{self.step}_{self.num_samples}x"
+            f"{'x'.join(map(str, self.image_shape))}_{self.sampler}{self.steps}_cfg{cfg}"
+            f"_seed{self.seed}"
+        )
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's value of `flag` on every process (its filesystem view decides)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _prepare_shard_dir(shard_dir: str, settings: SampleSettings) -> None:
+    manifest = dataclasses.asdict(settings)
+    manifest["image_shape"] = list(settings.image_shape)
+    path = os.path.join(shard_dir, MANIFEST)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            existing = json.load(f)
+        if existing != manifest:
+            changed = sorted(k for k in manifest if existing.get(k) != manifest[k])
+            raise ValueError(
+                f"{shard_dir} holds batches drawn with other settings ({changed}: "
+                f"{[existing.get(k) for k in changed]} vs {[manifest[k] for k in changed]}); "
+                "delete it or pass another --output_dir."
+            )
+        return
+    if jax.process_index() == 0:
+        os.makedirs(shard_dir, exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(path + ".tmp", path)
+
+
+def _read_shard(path: str, labels: np.ndarray, image_shape) -> np.ndarray | None:
+    """The shard's images if it is complete and matches `labels`; None if absent or bad."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as shard:
+            images, shard_labels = shard["images"], shard["labels"]
+    except (OSError, ValueError, KeyError) as error:
+        logging.warning("Shard %s unreadable (%s); drawing it again.", path, error)
+        return None
+    if images.shape != (len(labels), *image_shape) or not np.array_equal(shard_labels, labels):
+        logging.warning("Shard %s does not match this evaluation; drawing it again.", path)
+        return None
+    return images
+
+
+def sample_shards(
+    workdir: str,
+    output_dir: str,
+    *,
+    num_samples: int,
+    sampler: str | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    labels: str = "uniform",
+    guidance_channels: int | None = None,
+) -> tuple[SampleSettings, list[str], np.ndarray]:
+    """Draws the samples batch by batch into shard files, skipping finished batches.
+
+    Returns:
+      (settings, shard paths in order, labels (num_samples,)).
+    """
+    config = sample_workdir.load_config(workdir)
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    model, params, step = sample_workdir.restore_ema_params(workdir, config, mesh)
+    devices = mesh.devices.size
+    batch_size = batch_size or config.global_batch_size
+    # Whole batches per device: every batch compiles to the same program.
+    batch_size = -(-batch_size // devices) * devices
+    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    settings = SampleSettings(
+        model=config.model,
+        step=int(step),
+        num_samples=num_samples,
+        sampler=sampler or config.sampling.sampler,
+        steps=steps or config.sampling.steps,
+        cfg_scale=config.sampling.cfg_scale if cfg_scale is None else cfg_scale,
+        seed=seed,
+        batch_size=batch_size,
+        labels=labels,
+        guidance_channels=guidance_channels,
+        image_shape=image_shape,
+    )
+    all_labels = evaluation.draw_labels(num_samples, config.data.num_classes, seed, labels)
+    shard_dir = os.path.join(output_dir, settings.name() + ".shards")
+    _prepare_shard_dir(shard_dir, settings)
+
+    sample_fn = None
+    key = jax.random.key(seed)
+    paths, drawn = [], 0
+    for index, start in enumerate(range(0, num_samples, batch_size)):
+        batch_labels = all_labels[start : start + batch_size]
+        path = os.path.join(shard_dir, f"batch_{index:06d}.npz")
+        paths.append(path)
+        if _agree(_read_shard(path, batch_labels, image_shape) is not None):
+            continue
+        if sample_fn is None:
+            sample_fn = sampling.make_sample_fn(
+                model,
+                trainer.create_diffusion(config),
+                mesh,
+                sampler=settings.sampler,
+                steps=settings.steps,
+                cfg_scale=settings.cfg_scale,
+                guidance_channels=guidance_channels,
+            )
+        # Pad the last batch to the full size (one compilation); the padding is dropped.
+        padded = np.resize(batch_labels, batch_size)
+        images = sampling.draw(sample_fn, params, jax.random.fold_in(key, start), padded, mesh)
+        images = metrics.to_uint8(images[: len(batch_labels)])
+        if jax.process_index() == 0:
+            np.savez(path + ".tmp.npz", images=images, labels=batch_labels)
+            os.replace(path + ".tmp.npz", path)
+        drawn += 1
+        logging.info(
+            "sampled batch %d (%d/%d images)", index, start + len(batch_labels), num_samples
+        )
+    logging.info("%d of %d batches drawn now, the rest found in %s", drawn, len(paths), shard_dir)
+    return settings, paths, all_labels
+
+
+def _iterate_shards(paths: list[str]):
+    for path in paths:
+        with np.load(path, allow_pickle=False) as shard:
+            yield shard["images"]
+
+
+def reference_activations(
+    extractor: inception_lib.InceptionFeatures, reference_path: str, cache: str
+) -> tuple[evaluation.ReferenceBatch, dict[str, np.ndarray] | None]:
+    """The reference batch and the Inception activations of its images, cached in `cache`.
+
+    Returns (batch without images, activations or None when the file holds no images).
+    """
+    reference = evaluation.load_reference_batch(reference_path, load_images=False)
+    with np.load(reference_path, allow_pickle=False) as npz:
+        has_images = "arr_0" in npz.files
+    if not has_images:
+        return reference, None
+    if os.path.exists(cache):
+        with np.load(cache, allow_pickle=False) as cached:
+            return reference, {name: cached[name] for name in cached.files}
+    logging.info("Computing Inception activations of %s", reference_path)
+    images = evaluation.load_reference_batch(reference_path).images
+    activations = extractor(images)
+    np.savez(cache + ".tmp.npz", **activations)
+    os.replace(cache + ".tmp.npz", cache)
+    return reference, activations
+
+
+def inception_metrics(
+    shard_paths: list[str], inception_path: str, reference_path: str, cache_dir: str
+) -> dict[str, float]:
+    """ADM's five metrics (FID, sFID, IS, precision, recall) from the Flax Inception.
+
+    Precision and recall need the reference images (`arr_0`); without them only FID, sFID and
+    IS are returned.
+    """
+    with np.load(shard_paths[0], allow_pickle=False) as shard:
+        shard_size = len(shard["labels"])
+    # Inception batches of at most 200 images (2 GB of activations), fewer for small samples.
+    extractor = inception_lib.InceptionFeatures.from_file(
+        inception_path, batch_size=min(200, shard_size)
+    )
+    samples = extractor(_iterate_shards(shard_paths))
+    # The cache name identifies both files (name and size), so other weights or another
+    # reference batch never reuse stale activations.
+    tag = ".".join(
+        f"{os.path.basename(path)}-{os.stat(path).st_size}"
+        for path in (reference_path, inception_path)
+    )
+    cache = os.path.join(cache_dir, f"reference_activations.{tag}.npz")
+    reference, reference_acts = reference_activations(extractor, reference_path, cache)
+    if "adm_logits" not in samples:
+        raise ValueError(
+            f"{inception_path} has no classifier (fc) weights, so no Inception Score: convert "
+            f"{inception_lib.FID_WEIGHTS_FILENAME} itself rather than a feature-extractor dict."
+        )
+    if reference_acts is None:
+        if reference.pool_statistics is None or reference.spatial_statistics is None:
+            raise ValueError(f"{reference_path} has neither images nor mu/sigma and mu_s/sigma_s.")
+        return {
+            "inception_score": evaluation.inception_score(samples["adm_logits"], from_logits=True),
+            "fid": evaluation.fid(samples["pool"], reference.pool_statistics),
+            "sfid": evaluation.sfid(samples["spatial"], reference.spatial_statistics),
+        }
+    return evaluation.adm_metrics(
+        sample_pool=samples["pool"],
+        sample_spatial=samples["spatial"],
+        sample_predictions=samples["adm_logits"],
+        from_logits=True,
+        reference_pool=reference_acts["pool"],
+        reference_spatial=reference_acts["spatial"],
+        reference_batch=reference,
+    )
 
 
 def evaluate(
@@ -26,40 +274,77 @@ def evaluate(
     steps: int | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
+    batch_size: int | None = None,
+    labels: str = "uniform",
+    guidance_channels: int | None = None,
+    inception_path: str | None = None,
+    reference_path: str | None = None,
     output_dir: str | None = None,
 ) -> dict:
-    """Samples `num_samples` with labels cycling over the classes, writes and scores them.
+    """Samples (resumably), writes `<name>.npz` + `<name>.json` + a PNG grid, and scores.
 
-    Returns the metrics dict (also written as JSON beside the .npz).
+    Args:
+      workdir: a directory written by launch.train.
+      num_samples: N (50,000 for FID-50K).
+      sampler, steps, cfg_scale: unset: the run's `config.sampling` values.
+      seed: labels and noise.
+      batch_size: images per sampling call (unset: the run's global batch size).
+      labels: "uniform" (protocol) or "balanced" (cycle through the classes).
+      guidance_channels: guide only the first C channels (DiT's variant); unset: all.
+      inception_path, reference_path: converted Inception weights and an ADM reference batch;
+        both or neither.
+      output_dir: default `<workdir>/eval`.
+
+    Returns:
+      The metadata and metrics, as written to `<name>.json`.
     """
-    config = sample_workdir.load_config(workdir)
-    num_classes = max(config.data.num_classes, 1)
-    labels = list(range(num_classes)) if config.data.num_classes else None
-    output_dir = output_dir or os.path.join(workdir, "eval")
-    tag = f"{sampler or config.sampling.sampler}-{steps or config.sampling.steps}steps-cfg" + (
-        f"{config.sampling.cfg_scale if cfg_scale is None else cfg_scale}"
-    )
-    paths = sample_workdir.sample_to_npz(
+    if (inception_path is None) != (reference_path is None):
+        raise ValueError("Pass both --inception and --reference (or neither).")
+    for path in (inception_path, reference_path):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found (see docs/evaluation.md).")
+    workdir = os.path.abspath(workdir)
+    output_dir = os.path.abspath(output_dir or os.path.join(workdir, "eval"))
+    settings, shard_paths, all_labels = sample_shards(
         workdir,
-        os.path.join(output_dir, f"samples_{num_samples}_{tag}.npz"),
+        output_dir,
         num_samples=num_samples,
         sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
-        labels=labels,
         seed=seed,
+        batch_size=batch_size,
+        labels=labels,
+        guidance_channels=guidance_channels,
     )
-    with np.load(paths["npz"], allow_pickle=False) as f:
-        images, requested, meta = f["arr_0"], f["arr_1"], json.loads(str(f["meta"]))
-    result: dict = {"samples": paths["npz"], "grid": paths["png"], **meta}
+    name = settings.name()
+    npz_path = os.path.join(output_dir, name + ".npz")
+    png_path = os.path.join(output_dir, name + ".png")
+    result: dict = {
+        "samples": npz_path,
+        "grid": png_path,
+        **dataclasses.asdict(settings),
+        "uint8": "round((x + 1) * 127.5), halves up, clipped to [0, 255] (evaluation.to_uint8)",
+    }
+    if jax.process_index() != 0:
+        return result  # process 0 holds the shards (sampling needed every process; this not)
+    evaluation.save_sample_batch_streamed(
+        npz_path, _iterate_shards(shard_paths), (num_samples, *settings.image_shape), all_labels
+    )
+    first = next(_iterate_shards(shard_paths))[:100]
+    metrics.save_png(png_path, metrics.image_grid(first, int(np.ceil(np.sqrt(len(first))))))
+    logging.info("Wrote %s", npz_path)
+
+    config = sample_workdir.load_config(workdir)
     if config.data.name == data.EmbeddedDigits.name:
-        quality = evaluation.digits_quality(images, requested, data_dir=config.data.data_dir)
+        images = np.concatenate(list(_iterate_shards(shard_paths)))
+        quality = evaluation.digits_quality(images, all_labels, data_dir=config.data.data_dir)
         quality["per_class_accuracy"] = [float(x) for x in quality["per_class_accuracy"]]
         result.update(quality)
-    else:
-        logging.info(
-            "No offline scorer for %s: run ADM's evaluator on %s", config.data.name, paths["npz"]
-        )
-    with open(os.path.splitext(paths["npz"])[0] + ".json", "w") as f:
+    if inception_path is not None:
+        result.update(inception_metrics(shard_paths, inception_path, reference_path, output_dir))
+    elif config.data.name != data.EmbeddedDigits.name:
+        logging.info("No Inception weights given: run ADM's evaluator on %s", npz_path)
+    with open(os.path.join(output_dir, name + ".json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     return result
