@@ -2,38 +2,85 @@
 
 Each step directory holds three items: `state` (the sharded TrainState, written cooperatively by
 all processes), `data` (each process's grain iterator state) and `config` (JSON). Saving is
-asynchronous; orbax finalises a step directory atomically, so a crash mid-save leaves no step
-that looks complete.
+asynchronous. A step is written under `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only
+once complete, so a kill at any moment leaves no step that looks complete but is not.
+
+What a kill can leave behind, and what the training job (`owner=True`) does with it on restart:
+  * a half-written `<step>.orbax-checkpoint-tmp`: logged and removed; the newest complete step
+    is restored.
+  * an old step being deleted (keep_checkpoints): orbax first renames it into `deleted/`, an
+    atomic move out of the step namespace, so a partly deleted step never looks like a
+    checkpoint; `deleted/` is emptied at start and after each save.
+  * a complete step that still fails to restore (disk corruption, a file removed by hand):
+    logged, the previous step is restored, and the unreadable one is moved to `unreadable/`
+    (kept for inspection) so the run can write that step again.
+Readers (`owner=False`, e.g. sampling from a live run) change nothing on disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 STATE, DATA, CONFIG = "state", "data", "config"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step (or item) still being written
+DELETED_DIR = "deleted"  # old steps are renamed here, then removed (never a step name)
+UNREADABLE_DIR = "unreadable"  # complete steps that failed to restore, kept for inspection
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's parameters do not fit the model being restored."""
 
 
-class Checkpointer:
-    """Save / restore `TrainState` + data iterator + config under `<workdir>/checkpoints`."""
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); earlier checkpoints are intact."""
 
-    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+
+class Checkpointer:
+    """Save / restore `TrainState` + data iterator + config under `<workdir>/checkpoints`.
+
+    Args:
+      workdir: the run directory; checkpoints live in `<workdir>/checkpoints`.
+      keep: number of newest steps to keep.
+      async_save: write in a background thread while training continues.
+      owner: True for the training job that writes this directory: it removes half-written
+        steps left by a killed run and moves unreadable ones aside. False (readers such as
+        sampling from a running job) never changes anything on disk.
+    """
+
+    def __init__(
+        self, workdir: str, *, keep: int = 3, async_save: bool = True, owner: bool = False
+    ):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.owner = owner
+        self._in_flight: int | None = None  # step whose async write may still be running
+        if owner:
+            if jax.process_index() == 0:
+                os.makedirs(self.directory, exist_ok=True)
+                self._remove_half_written()
+                self._empty_deleted()
+            if jax.process_count() > 1:
+                # Nobody lists steps before process 0 has removed the half-written ones.
+                multihost_utils.sync_global_devices("diffussm checkpoint cleanup")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+                max_to_keep=keep if owner else None,  # readers never delete
+                create=owner,
+                enable_async_checkpointing=async_save,
+                todelete_subdir=DELETED_DIR if owner else None,
+                read_only=not owner,
             ),
             item_handlers={
                 STATE: ocp.StandardCheckpointHandler(),
@@ -45,6 +92,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(
         self,
         step: int,
@@ -54,32 +104,124 @@ class Checkpointer:
         *,
         force: bool = False,
     ) -> bool:
+        """Starts writing `step` (returns before the write ends when async).
+
+        Raises:
+          CheckpointWriteError: this or the previous (in-flight) write failed, e.g. disk full.
+        """
+        self.wait()  # surfaces a failure of the previous async write under its own step
         items = {
             STATE: ocp.args.StandardSave(state),
             CONFIG: ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         }
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if self.owner and jax.process_index() == 0:
+            self._empty_deleted()
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:
+            raise self._write_failed(step, error) from error
+        if saved:
+            self._in_flight = step
+        return saved
+
+    def wait(self) -> None:
+        """Blocks until the in-flight write (if any) is on disk.
+
+        Raises:
+          CheckpointWriteError: that write failed; earlier checkpoints are intact.
+        """
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_failed(step, error) from error
+
+    def _write_failed(self, step: int | None, error: Exception) -> CheckpointWriteError:
+        """Removes the half-written step and explains what happened and what to do."""
+        try:
+            self.manager.wait_until_finished()  # no writer thread may still be in the step
+        except Exception:  # the same failure, already being reported
+            pass
+        if self.owner and jax.process_index() == 0:
+            self._remove_half_written(quiet=True)
+        self.manager.reload()
+        previous = self.latest_step()
+        kept = (
+            f"The previous checkpoint (step {previous}) is intact"
+            if previous is not None
+            else "No earlier checkpoint exists"
+        )
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            fix = (
+                "The disk is full: free space (or lower keep_checkpoints, or use a --workdir on "
+                "a larger disk) and rerun the same command to resume"
+            )
+        else:
+            fix = "Fix the cause and rerun the same command to resume"
+        return CheckpointWriteError(
+            getattr(error, "errno", None) or errno.EIO,
+            f"writing checkpoint step {step} to {self.directory} failed: "
+            f"{type(error).__name__}: {error}. {kept}; the half-written step was removed. {fix}"
+            + (f" from step {previous}." if previous is not None else "."),
+        )
 
     def restore(
         self, abstract_state: Any, data_iterator: Any | None = None, step: int | None = None
     ) -> tuple[Any, int]:
-        """Restores into `abstract_state`'s shapes and shardings (any mesh); moves the iterator."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restores into `abstract_state`'s shapes and shardings (any mesh); moves the iterator.
+
+        With `step` unset, the newest step that restores is used: a step that fails to read is
+        logged and skipped (and, for the owner, moved to `unreadable/` once an older step has
+        restored, which proves the failure is the step's, not this setup's).
+
+        Raises:
+          FileNotFoundError: no checkpoint at all.
+          CheckpointMismatchError: the newest checkpoint was made with another model/config.
+          RuntimeError: no checkpoint could be read (the first failure is chained).
+        """
+        candidates = [step] if step is not None else self.all_steps()[::-1]
+        if not candidates:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        self._check_compatible(step, abstract_state)
-        items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        logging.info("Restored checkpoint step %d from %s", step, self.directory)
-        return restored[STATE], step
+        failures: list[tuple[int, Exception]] = []
+        for candidate in candidates:
+            try:
+                self._check_compatible(candidate, abstract_state)
+                items = {STATE: ocp.args.StandardRestore(abstract_state)}
+                if data_iterator is not None:
+                    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # anything unreadable: try the previous step
+                if step is not None:
+                    raise
+                logging.warning(
+                    "Checkpoint step %d in %s could not be restored (%s: %s); trying the "
+                    "previous step.",
+                    candidate,
+                    self.directory,
+                    type(error).__name__,
+                    str(error)[:500],
+                )
+                failures.append((candidate, error))
+                continue
+            for bad_step, _ in failures:
+                self._move_aside(bad_step)
+            logging.info("Restored checkpoint step %d from %s", candidate, self.directory)
+            return restored[STATE], candidate
+        tried = ", ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
+        raise RuntimeError(
+            f"no checkpoint in {self.directory} could be restored ({tried}). If the model or "
+            "config changed, use the config saved with the run (<workdir>/config.json); "
+            "otherwise start a new --workdir."
+        ) from failures[0][1]
 
     def _check_compatible(self, step: int, abstract_state: Any) -> None:
         """Names every parameter whose shape differs, instead of orbax's first-failure error."""
         saved = self.manager.item_metadata(step)[STATE]
+        saved = getattr(saved, "tree", saved)  # orbax's TreeMetadata wraps a dict
         saved_params = getattr(saved, "params", None)
         if saved_params is None and isinstance(saved, dict):
             saved_params = saved.get("params")
@@ -109,21 +251,63 @@ class Checkpointer:
                 "'config'), or a new --workdir."
             )
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _remove_half_written(self, quiet: bool = False) -> None:
+        """Deletes `<step>.orbax-checkpoint-tmp` directories: writes a kill interrupted."""
+        for name in sorted(os.listdir(self.directory)):
+            if TMP_SUFFIX not in name:
+                continue
+            path = os.path.join(self.directory, name)
+            if not quiet:
+                logging.warning(
+                    "Ignoring half-written checkpoint %s (a previous run stopped while writing "
+                    "it); removing it and resuming from the newest complete step.",
+                    path,
+                )
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _empty_deleted(self) -> None:
+        """Removes old steps that orbax has already moved out of the step namespace."""
+        trash = os.path.join(self.directory, DELETED_DIR)
+        if os.path.isdir(trash):
+            for name in os.listdir(trash):
+                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
+    def _move_aside(self, step: int) -> None:
+        """Moves an unreadable complete step to `unreadable/` so the run can write it again."""
+        if not self.owner:
+            return
+        if jax.process_index() == 0:
+            source = os.path.join(self.directory, str(step))
+            target = os.path.join(self.directory, UNREADABLE_DIR, str(step))
+            suffix = 0
+            while os.path.exists(target):
+                suffix += 1
+                target = os.path.join(self.directory, UNREADABLE_DIR, f"{step}_{suffix}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+            logging.warning("Moved unreadable checkpoint step %d to %s.", step, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("diffussm checkpoint move aside")
+        self.manager.reload()
 
     def close(self) -> None:
+        """Waits for the in-flight write and releases orbax's threads."""
         self.manager.close()
 
 
 @jax.jit
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)]
-    return jax.numpy.all(jax.numpy.asarray([jax.numpy.isfinite(x).all() for x in leaves]))
+def _finite_leaves(tree: Any) -> list[jax.Array]:
+    return [jax.numpy.isfinite(x).all() for x in tree]
 
 
-def all_finite(tree: Any) -> bool:
-    """True if every float leaf is finite (checked before a checkpoint is written)."""
-    if not jax.tree.leaves(tree):
-        return True
-    return bool(_all_finite(tree))
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Key paths of the float leaves of `tree` holding a NaN or Inf (empty: all finite)."""
+    named = [
+        (jax.tree_util.keystr(path), leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+    ]
+    if not named:
+        return []
+    flags = jax.device_get(_finite_leaves([leaf for _, leaf in named]))
+    return [name for (name, _), finite in zip(named, flags, strict=True) if not np.all(finite)]

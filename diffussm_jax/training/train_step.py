@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -22,6 +23,12 @@ NUM_LOSS_BUCKETS = 4  # loss by quartile of t
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
     """ema <- decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def all_finite(*trees: Any) -> jax.Array:
+    """Scalar bool: every float element of `trees` is finite (no NaN / Inf)."""
+    leaves = [x for x in jax.tree.leaves(trees) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def draw_randomness(rng: jax.Array, batch: Batch, diffusion, model: nn.Module) -> Batch:
@@ -85,8 +92,9 @@ def train_step(
     The step's randomness is fold_in(rng, step), so a resumed run draws the same numbers. With
     `grad_accum_steps` > 1 the batch is split into that many micro-batches whose gradients are
     averaged: the same update as one big batch up to summation order, with less activation
-    memory. A non-finite loss or gradient leaves params, EMA and optimizer state unchanged
-    (metrics["nonfinite"] = 1); the caller decides whether to stop.
+    memory. A non-finite loss, gradient, or updated params / optimizer state leaves params, EMA
+    and optimizer state unchanged (metrics["nonfinite"] = 1); the caller decides whether to stop.
+    Which quantity it was follows from the metrics: see `nonfinite_quantity`.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = draw_randomness(rng, batch, diffusion, model)
@@ -117,10 +125,12 @@ def train_step(
         stats = {k: v if k in sums else v / grad_accum_steps for k, v in stats.items()}
 
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = ema_update(state.ema_params, params, ema_decay)
+    # Finite loss and gradients can still overflow in the update (e.g. Adam's second moment):
+    # check the new params and optimizer state too, so no NaN/Inf ever enters the state.
+    finite = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm) & all_finite(params, opt_state)
 
     def keep_if_finite(new, old):
         return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -138,6 +148,15 @@ def train_step(
         "nonfinite": (~finite).astype(jnp.int32),
     }
     return new_state, metrics
+
+
+def nonfinite_quantity(metrics: dict[str, Any]) -> str:
+    """Names what made a step non-finite, from its (host) metrics."""
+    if not np.isfinite(metrics["loss"]):
+        return "loss"
+    if not np.isfinite(metrics["grad_norm"]):
+        return "gradient norm"
+    return "updated parameters / optimizer state (finite loss and gradients)"
 
 
 def make_train_step(config, model: nn.Module, diffusion, tx, mesh: Mesh, state_shardings: Any):

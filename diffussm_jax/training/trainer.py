@@ -25,7 +25,11 @@ from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train
 
 
 class NonFiniteError(FloatingPointError):
-    """Training stopped on a NaN/Inf loss or gradient (config.nonfinite = "stop")."""
+    """Training stopped on a NaN/Inf: a step's loss or gradient (config.nonfinite = "stop"), or
+    a train state about to be checkpointed (always; non-finite state is never saved)."""
+
+
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def check_workdir(workdir: str) -> str:
@@ -137,6 +141,11 @@ def log_topology(mesh) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
     workdir = check_workdir(workdir)
+    if config.nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_POLICIES}: 'skip' "
+            "drops a step with a NaN/Inf loss or gradient, 'stop' ends training there."
+        )
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_global_batch(config.global_batch_size, mesh)
     log_topology(mesh)
@@ -144,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     model = train_state.build_model(config)
     diffusion = create_diffusion(config)
     tx = train_state.create_optimizer(config)
-    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, owner=True)
     data_iterator = create_data_iterator(config)
 
     abstract_state, state_shardings = train_state.abstract_train_state(config, model, tx, mesh)
@@ -160,8 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         sharding.bytes_per_device(state) / 2**20,
     )
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, state_shardings)
     writer = metrics.MetricWriter(workdir)
@@ -169,48 +177,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     stop = _StopSignal()
     sample_fn = None
     window: list[dict[str, Any]] = []
-    last_saved = start_step if start_step else None
+
+    def last_good() -> str:
+        """The newest complete checkpoint, after the in-flight write (if any) has ended."""
+        try:
+            checkpointer.wait()
+        except checkpoint.CheckpointWriteError as error:
+            logging.error("%s", error)
+        latest = checkpointer.latest_step()
+        where = checkpointer.directory
+        return f"step {latest} in {where}" if latest is not None else f"none yet (in {where})"
 
     def save(step: int, force: bool = False) -> None:
-        nonlocal last_saved
-        if not checkpoint.all_finite(state.params):
-            logging.error("step %d: parameters are not finite; checkpoint NOT written.", step)
-            return
+        bad = checkpoint.nonfinite_leaves(state)
+        if bad:
+            # The step guards should make this unreachable; if not, never persist NaN/Inf.
+            listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteError(
+                f"step {step}: the train state holds non-finite values in {listed}; checkpoint "
+                f"NOT written. Last good checkpoint: {last_good()}. Rerun to resume from it, "
+                "with a lower learning_rate or a grad_clip_norm."
+            )
         to_save = state
         if jax.devices()[0].platform == "cpu":
             # On CPU, orbax's "device to host" transfer can alias the device buffers, which the
             # next train step donates while the async write may still read them: save a copy.
             to_save = jax.tree.map(lambda x: x.copy(), state)
         checkpointer.save(step, to_save, data_iterator, config, force=force)
-        last_saved = step
 
     step = start_step
     try:
         while step < config.num_train_steps:
-            batch = global_batch(next(data_iterator), config, mesh)
+            local = next(data_iterator)
+            batch = global_batch(local, config, mesh)
             state, step_metrics = step_fn(state, batch)
             step += 1
             window.append(step_metrics)
 
             if config.nonfinite == "stop" and int(step_metrics["nonfinite"]):
                 bad = jax.device_get(step_metrics)
-                quantity = "loss" if not np.isfinite(bad["loss"]) else "gradient norm"
                 raise NonFiniteError(
-                    f"step {step}: non-finite {quantity} (loss={bad['loss']}, "
-                    f"grad_norm={bad['grad_norm']}); the update was not applied. Last good "
-                    f"checkpoint: step {last_saved} in {checkpointer.directory}."
+                    f"step {step}: non-finite {train_step.nonfinite_quantity(bad)} "
+                    f"(loss={bad['loss']}, grad_norm={bad['grad_norm']}); the update was not "
+                    f"applied and training stopped (config.nonfinite='stop'). "
+                    f"{describe_nonfinite_inputs(local)}Last good checkpoint: {last_good()}. "
+                    "Rerun the same command to resume from it, or set --config.nonfinite=skip "
+                    "to drop such steps."
                 )
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                scalars = metrics.summarize(jax.device_get(window))
+                host_window = jax.device_get(window)
                 window = []
+                scalars = metrics.summarize(host_window)
                 text, rates = progress.line(step, scalars)
                 logging.info(text)
                 if scalars["nonfinite"]:
-                    logging.warning(
-                        "%d non-finite steps skipped since the last log line (step %d).",
-                        int(scalars["nonfinite"]),
-                        step,
-                    )
+                    log_skipped_steps(step, host_window, checkpointer)
                 writer.write(step, {**scalars, **rates})
             if config.sample_every_steps and (
                 step % config.sample_every_steps == 0 or step == config.num_train_steps
@@ -232,13 +253,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             if stop_now:
                 logging.warning("Stopping at step %d after saving (preemption).", step)
                 break
+        checkpointer.wait()  # raises CheckpointWriteError if the last write failed
     finally:
-        checkpointer.wait()
-        checkpointer.close()
+        try:
+            checkpointer.close()
+        except Exception as error:  # never hide the error that is already propagating
+            logging.error("closing the checkpointer: %s: %s", type(error).__name__, error)
         writer.close()
         stop.restore()
     logging.info("Done at step %d. Checkpoints: %s", step, checkpointer.directory)
     return state
+
+
+def describe_nonfinite_inputs(local: dict[str, np.ndarray]) -> str:
+    """A sentence counting NaN/Inf per float input of this process's batch ('' if none)."""
+    counts = {
+        name: int(np.size(value) - np.isfinite(value).sum())
+        for name, value in local.items()
+        if np.issubdtype(np.asarray(value).dtype, np.floating)
+    }
+    found = [f"{count} in {name!r}" for name, count in counts.items() if count]
+    return f"Input batch has non-finite values: {', '.join(found)}. " if found else ""
+
+
+def log_skipped_steps(step: int, window: list[dict[str, Any]], checkpointer) -> None:
+    """Warns with the step and quantity of each skipped update in a log window ending at `step`."""
+    first = step - len(window) + 1
+    skipped = [
+        f"step {first + offset} ({train_step.nonfinite_quantity(m)})"
+        for offset, m in enumerate(window)
+        if m["nonfinite"]
+    ]
+    more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    shown = ", ".join(skipped[:10]) + more
+    logging.warning(
+        "Non-finite values: update skipped (config.nonfinite='skip') at %s; parameters unchanged "
+        "by those steps. Latest checkpoint: step %s in %s.",
+        shown,
+        checkpointer.latest_step(),
+        checkpointer.directory,
+    )
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Writes `text` to `path` via a temporary file and a rename: a kill never leaves it torn."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) -> str:
