@@ -1,22 +1,54 @@
 """Class-conditional ImageNet 256x256 in the latent space of Stable Diffusion's KL-f8 VAE.
 
 The paper's setting (spec section 5): 32x32x4 latents scaled by 0.18215, global batch 256,
-AdamW lr 1e-4, EMA 0.9999, bf16, 8x A100 80GB in the paper.
+AdamW lr 1e-4, EMA 0.9999, bf16, 8x A100 80GB in the paper. Prepare the data once
+(docs/latents.md: ImageNet via tfds, the VAE from huggingface stabilityai/sd-vae-ft-ema):
 
-    python -m launch.train --config=configs/imagenet256.py:model=DiffuSSM-XL --workdir=$WORKDIR
-    python -m launch.train --config=configs/imagenet256.py:model=DiT-XL/2 --workdir=$WORKDIR
+    python -m launch.extract_latents --source=imagenet2012 --data_dir=$TFDS_DIR \
+        --vae=weights/sd-vae-ft-ema --resolution=256       # writes imagenet2012_latents_256
+    python -m launch.train --config=configs/imagenet256.py:model=DiffuSSM-XL \
+        --config.data.data_dir=$TFDS_DIR --workdir=$WORKDIR
+    python -m launch.train --config=configs/imagenet256.py:model=DiT-XL/2 ... (the baseline)
 
-The latent dataset ("imagenet2012_latents_256": fields `latent` (32, 32, 4) float32 unscaled VAE
-means and `label`) is written by the latent-extraction launcher, which is not built yet: until
-then this config fails with an error that names the missing dataset. Not yet run: no time or
-result measured.
+The dataset "imagenet2012_latents_256" holds `latent` (32, 32, 4) float32 unscaled VAE posterior
+means of each center-cropped image and of its mirror (two records per image, so
+`data.random_flip` stays False) and `label`. `vae.path` (default weights/sd-vae-ft-ema,
+relative to the working directory) decodes the sample grids.
+
+`:smoke` is a tiny model (width 32, depth 2, float32, batch 8, 20 steps) for checking the
+pipeline on a few extracted images (e.g. `launch.extract_latents ... --max_images=64`).
+Not yet run at full size: no time or result measured.
 """
 
 from configs import base
 
+VAE_PATH = "weights/sd-vae-ft-ema"
 
-def get_config(arg: str | None = None, resolution: int = 256):
-    args = base.parse_arg(arg, model="DiffuSSM-XL", batch=256)
+
+def apply_smoke(config) -> None:
+    """Shrinks a latent config to a seconds-per-step CPU check of the whole pipeline."""
+    config.dtype = "float32"
+    config.remat = False
+    config.model_overrides.hidden_size = 32
+    config.model_overrides.depth = 2
+    config.model_overrides.state_size = 8
+    if config.model.startswith("DiT"):
+        config.model_overrides.num_heads = 4
+    config.global_batch_size = 8
+    config.num_train_steps = 20
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 10
+    config.sample_every_steps = 20
+    config.sampling.sampler = "dpm++2m"
+    config.sampling.steps = 5
+    config.sampling.per_class = 1
+    config.sampling.num_classes_in_grid = 4
+    config.sampling.num_unconditional = 4
+
+
+def get_config(arg: str | None = None, resolution: int = 256, num_train_steps: int = 2_600_000):
+    """num_train_steps default: 660M images at batch 256 (the paper's 256px budget)."""
+    args = base.parse_arg(arg, model="DiffuSSM-XL", batch=256, smoke=False)
     config = base.get_base_config()
     config.model = args.model
     config.dtype = "bfloat16"
@@ -26,15 +58,18 @@ def get_config(arg: str | None = None, resolution: int = 256):
     config.data.image_size = resolution // 8
     config.data.channels = 4
     config.data.num_classes = 1000
-    config.data.random_flip = False  # flips are stored as separate latents at extraction
+    config.data.random_flip = False  # mirrors are stored as separate latents at extraction
     config.data.latent_scale = 0.18215
+    config.vae.path = VAE_PATH
     config.global_batch_size = args.batch
-    config.num_train_steps = 2_600_000  # 660M images at batch 256 (the paper's 256px budget)
+    config.num_train_steps = num_train_steps
     config.log_every_steps = 100
     config.checkpoint_every_steps = 5_000
     config.sample_every_steps = 20_000
     config.sampling.sampler = "ddpm"
     config.sampling.steps = 250
     config.sampling.cfg_scale = 1.5
+    if args.smoke:
+        apply_smoke(config)
     config.lock()
     return config

@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from configs import quickstart
+from configs import imagenet256
 from diffussm_jax import data, training, vae
 from diffussm_jax.data import latents
 from diffussm_jax.training import sample_workdir, sampling
@@ -167,17 +167,13 @@ def test_bad_inputs_are_explained(workspace, tmp_path):
 
 
 def latent_config(workspace):
-    config = quickstart.get_config("smoke")
+    """configs/imagenet256.py:smoke pointed at the toy latents (8x8x4, two classes)."""
+    config = imagenet256.get_config("smoke")
     with config.unlocked():
         config.data.name = "toy_latents_64"
         config.data.data_dir = workspace["data_dir"]
-        config.data.image_key = "latent"
         config.data.image_size = RESOLUTION // 8
-        config.data.channels = 4
-        config.data.num_classes = 2
-        config.data.latent_scale = 0.18215
         config.vae.path = workspace["vae"]
-        config.global_batch_size = 8
         config.num_train_steps = 3
         config.checkpoint_every_steps = 3
         config.log_every_steps = 1
