@@ -121,7 +121,9 @@ class _CheckedSource(grain.sources.RandomAccessDataSource):
             example = self._source[record_index]
         except Exception as error:
             raise CorruptRecordError(
-                f"Record {record_index} of {self._source!r} could not be read: {error}"
+                f"Record {record_index} of {self._source!r} could not be read: {error}. The "
+                "dataset files are damaged (an interrupted download, build or copy?): rebuild "
+                "the dataset (tfds build, or the prepare step in README) or copy it again."
             ) from error
         missing = [key for key in (self._image_key, self._label_key) if key and key not in example]
         if missing:
@@ -133,7 +135,8 @@ class _CheckedSource(grain.sources.RandomAccessDataSource):
         if image.ndim != 3:
             raise CorruptRecordError(
                 f"Record {record_index} of {self._source!r}: {self._image_key!r} has shape "
-                f"{image.shape}, expected (H, W, C)."
+                f"{image.shape}, expected (H, W, C). Check config.data.image_key names the image "
+                "feature, or rebuild the dataset if this record is damaged."
             )
         output = {"image": image}
         if self._label_key is not None:
