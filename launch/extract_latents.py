@@ -72,7 +72,7 @@ def main(argv):
     state = "complete" if result.complete else "incomplete (rerun to continue)"
     print(
         f"{result.version_dir}: {state}; wrote {len(result.written)} shards, kept "
-        f"{len(result.skipped)}, {result.images_per_second:.1f} images/s"
+        f"{len(result.skipped)}, {result.images_per_second:.3g} images/s"
     )
 
 

@@ -219,6 +219,19 @@ def test_train_on_latents_then_sample_and_decode(workspace, extracted, tmp_path)
     np.testing.assert_allclose(got, np.clip(np.asarray(want), -1, 1), atol=1e-5)
 
 
+def test_latent_configs_and_smoke_variants():
+    from configs import imagenet512, lsun
+
+    big = imagenet512.get_config()
+    assert big.data.name == "imagenet2012_latents_512" and big.data.image_size == 64
+    assert big.num_train_steps == 1_180_000 and not big.data.random_flip
+    assert imagenet512.get_config("smoke").num_train_steps == 20
+    church = lsun.get_config("smoke")
+    assert church.data.name == "lsun_church_outdoor_latents_256" and church.data.label_key is None
+    assert church.model_overrides.hidden_size == 32 and church.vae.path == imagenet256.VAE_PATH
+    assert latents.default_output_name("imagenet2012", 512) == big.data.name
+
+
 def test_latent_config_without_vae_is_explained(workspace):
     config = latent_config(workspace)
     with config.unlocked():

@@ -433,7 +433,7 @@ def extract_latents(
             done += len(indices)
             elapsed = time.perf_counter() - start
             logging.info(
-                "shard %d/%d: %d images in %.1fs; %d/%d images this run, %.1f images/s",
+                "shard %d/%d: %d images in %.1fs; %d/%d images this run, %.3g images/s",
                 shard + 1,
                 plan.num_shards,
                 len(indices),
