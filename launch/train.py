@@ -1,8 +1,15 @@
-"""Train (or resume) a model.
+"""Train (or resume) a model, as one process or as one of several (multi-host).
 
     python -m launch.train --config=configs/quickstart.py --workdir=runs/quickstart
     python -m launch.train --config=configs/imagenet256.py:model=DiffuSSM-XL \
         --config.global_batch_size=64 --workdir=gs://bucket/run
+
+Multi-process: on Cloud TPU pods and under SLURM (`srun`) or Open MPI (`mpirun`) every process
+runs the same command and jax.distributed is initialised automatically. Elsewhere pass the
+coordinator explicitly to every process (docs/pod.md has full recipes):
+
+    python -m launch.train ... --coordinator_address=host0:12345 --num_processes=2 --process_id=0
+    python -m launch.train ... --coordinator_address=host0:12345 --num_processes=2 --process_id=1
 
 Config files are Python and are executed: only pass config files you trust.
 """
@@ -11,18 +18,43 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffussm_jax import training
+from diffussm_jax.training import distributed, sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    distributed.MODES,
+    "auto: join a multi-process job when the flags below are given or SLURM / Open MPI / a "
+    "Cloud TPU VM is detected; on: always call jax.distributed.initialize; off: never.",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process to reach the coordinator."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.info("Config:\n%s", FLAGS.config)
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    distributed.initialize(
+        distributed.plan_initialization(
+            FLAGS.distributed,
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            initialization_timeout=FLAGS.initialization_timeout,
+        )
+    )
+    config = FLAGS.config
+    distributed.log_topology(sharding.create_mesh(config.mesh.data, config.mesh.fsdp))
+    logging.info("Config:\n%s", config)
+    training.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

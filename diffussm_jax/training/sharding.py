@@ -2,7 +2,8 @@
 
 One `Mesh` with axes ('data', 'fsdp'). The batch is split over both axes. Parameters (and, with
 them, EMA and optimizer state) are split over 'fsdp' by the logical-axis rules below; a tensor
-below `fsdp_min_size` elements, or a dimension that does not divide, stays replicated.
+below `fsdp_min_size` elements stays replicated, and a dimension that the mesh axis does not
+divide leaves the axis to another dimension of the tensor.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the global batch is split over every device
 
-# Logical axis -> mesh axis, tried in order; an axis already used by an earlier dimension of the
-# same tensor is skipped, so a (hidden, hidden) kernel is split on its first dimension only.
+# Logical axis -> mesh axis, tried in order (see `logical_to_mesh_spec`): a mesh axis already used
+# by another dimension of the same tensor, or one that does not divide the dimension, is skipped,
+# so a ("hidden", "hidden_out") kernel is split on its first dimension only.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", "fsdp"),
     ("hidden", "fsdp"),
@@ -77,18 +79,46 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def _fit_spec(
-    spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, min_size: int
+def logical_to_mesh_spec(
+    names: Sequence[str | None],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES,
+    min_size: int = 2**16,
 ) -> PartitionSpec:
-    """Drop mesh axes from dimensions they do not divide, and everything for small tensors."""
+    """The PartitionSpec of one parameter from its logical axis names.
+
+    Rules are applied in order; a rule maps a dimension with its logical name to its mesh axis
+    when that axis is still unused in this tensor and divides the dimension. A dimension that
+    does not divide is left for a later dimension whose rule names the same mesh axis, so e.g. the
+    (1001, 1152) label table ("vocab", "embed") is split along "embed" instead of staying whole.
+    Tensors with fewer than `min_size` elements stay replicated: their all-gathers would cost
+    more than the memory they save.
+
+    Args:
+      names: logical axis name (or None) per dimension.
+      shape: the tensor's shape, len(shape) == len(names).
+      mesh: the mesh whose axis sizes decide divisibility.
+      rules: logical axis -> mesh axis (None: never split).
+      min_size: element count below which the tensor is replicated.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match shape {shape}.")
     if int(np.prod(shape, dtype=np.int64)) < min_size:
         return PartitionSpec()
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[name] for name in names], dtype=np.int64))
-        fitted.append(axes if names and dim % size == 0 else None)
-    return PartitionSpec(*fitted)
+    assigned: list[str | None] = [None] * len(shape)
+    settled = [False] * len(shape)
+    used: set[str] = set()
+    for logical, mesh_axis in rules:
+        for dim, name in enumerate(names):
+            if settled[dim] or name != logical:
+                continue
+            if mesh_axis is None:
+                settled[dim] = True
+            elif mesh_axis not in used and shape[dim] % mesh.shape[mesh_axis] == 0:
+                assigned[dim], settled[dim] = mesh_axis, True
+                used.add(mesh_axis)
+    return PartitionSpec(*assigned)
 
 
 def state_shardings(
@@ -112,10 +142,10 @@ def state_shardings(
         if isinstance(leaf, nn.LogicallyPartitioned) and not jax.tree.leaves(leaf.value):
             return leaf.value  # optax's MaskedNode placeholders for the other param group
         if isinstance(leaf, nn.LogicallyPartitioned):
-            spec, shape = nn.logical_to_mesh_axes(leaf.names, rules), leaf.value.shape
+            spec = logical_to_mesh_spec(leaf.names, leaf.value.shape, mesh, rules, min_size)
         else:
-            spec, shape = PartitionSpec(), leaf.shape
-        return NamedSharding(mesh, _fit_spec(spec, shape, mesh, min_size))
+            spec = PartitionSpec()
+        return NamedSharding(mesh, spec)
 
     return jax.tree.map(
         leaf_sharding,
