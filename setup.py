@@ -28,6 +28,7 @@ setuptools.setup(
         "pillow",  # PNG sample grids
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "scipy",  # matrix square root for Frechet distances
+        "safetensors",  # VAE and Inception weights without pickle
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "ruff"],
@@ -40,7 +41,6 @@ setuptools.setup(
             "torchvision==0.29.1",
             "diffusers",
             "pytorch-fid",
-            "safetensors",
         ],
     },
 )
