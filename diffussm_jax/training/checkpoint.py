@@ -76,7 +76,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep if owner else None,  # readers never delete
+                max_to_keep=keep if owner else None,  # readers never save or delete
+                save_interval_steps=1 if owner else 0,
                 create=owner,
                 enable_async_checkpointing=async_save,
                 todelete_subdir=DELETED_DIR if owner else None,
