@@ -25,8 +25,15 @@ flags.DEFINE_integer("seed", 0, "Seed of the labels and the sampling noise.")
 flags.DEFINE_integer("batch_size", None, "Images per sampling call (default: global batch).")
 flags.DEFINE_enum("labels", "uniform", ["uniform", "balanced"], "Uniform draws or cycling.")
 flags.DEFINE_integer("guidance_channels", None, "Guide the first C channels only (DiT).")
+flags.DEFINE_string("vae", None, "VAE that decodes latent samples (default: config.vae.path).")
 flags.DEFINE_string("inception", None, "Converted Inception weights (.npz / .safetensors).")
 flags.DEFINE_string("reference", None, "ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz.")
+flags.DEFINE_enum(
+    "inception_preprocessing",
+    "tf_graph",
+    ["tf_graph", "pytorch_fid"],
+    "Inception input: ADM's TF graph (TF1 resize, (x-128)/128) or pytorch-fid's.",
+)
 flags.DEFINE_string("output_dir", None, "Where samples and scores go (default: <workdir>/eval).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -44,8 +51,10 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         labels=FLAGS.labels,
         guidance_channels=FLAGS.guidance_channels,
+        vae_path=FLAGS.vae,
         inception_path=FLAGS.inception,
         reference_path=FLAGS.reference,
+        inception_preprocessing=FLAGS.inception_preprocessing,
         output_dir=FLAGS.output_dir,
     )
     print(json.dumps(result, indent=2))

@@ -207,6 +207,22 @@ def test_preprocess_resize_matches_torch_interpolate():
     )
 
 
+def test_tf_graph_preprocessing_matches_numpy():
+    """TF1 legacy bilinear resize of 0..255 values, then (x - 128) / 128, in float64."""
+    image = np.random.default_rng(4).integers(0, 256, (1, 40, 23, 3), dtype=np.uint8)
+    rows = inception.bilinear_resize_matrix(40, 299, "tf1")
+    cols = inception.bilinear_resize_matrix(23, 299, "tf1")
+    want = (np.einsum("oh,bhwc,pw->bopc", rows, image.astype(np.float64), cols) - 128) / 128
+    got = np.asarray(inception.preprocess(image, mode="tf_graph"))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Pixel value 128 maps to 0 (pytorch-fid's 2 x / 255 - 1 maps 127.5 to 0).
+    grey = np.full((1, 8, 8, 3), 128, np.uint8)
+    np.testing.assert_array_equal(inception.preprocess(grey, mode="tf_graph"), 0.0)
+    assert float(inception.preprocess(grey)[0, 0, 0, 0]) == pytest.approx(1 / 255, abs=1e-6)
+    with pytest.raises(ValueError, match="tf_graph"):
+        inception.preprocess(grey, mode="tf")
+
+
 def test_tf1_resize_matrix_closed_form():
     # TF1 legacy (no half-pixel centres), 2 -> 4: source positions 0, 0.5, 1, 1.5 (clamped).
     np.testing.assert_allclose(
@@ -368,3 +384,14 @@ def test_pickled_npz_is_refused(tmp_path):
     np.savez(path, **{"params/fc/bias": objects})
     with pytest.raises(inception.InceptionWeightsError, match="refusing to unpickle"):
         inception.load_variables(path)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    """An independent implementation of the formula: pytorch-fid's calculate_frechet_distance."""
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    rng = np.random.default_rng(5)
+    first = rng.normal(size=(60, 12)) @ rng.normal(size=(12, 12))
+    second = 0.7 * rng.normal(size=(80, 12)) @ rng.normal(size=(12, 12)) + 0.4
+    stats1, stats2 = metrics.feature_statistics(first), metrics.feature_statistics(second)
+    want = fid_score.calculate_frechet_distance(*stats1, *stats2)
+    assert metrics.frechet_distance(*stats1, *stats2) == pytest.approx(want, rel=1e-9)

@@ -10,7 +10,7 @@ The FID protocol behind the paper's numbers (spec section 5; DiT's `sample_ddp.p
      Latents are decoded by sd-vae-ft-ema after dividing by 0.18215.
   2. uint8 conversion: round((x + 1) * 127.5) with halves up, clipped to [0, 255], i.e. DiT's
      `clamp(127.5 * x + 128, 0, 255).to(uint8)` (`to_uint8`). Saved as an .npz whose `arr_0` is
-     uint8 (50000, 256, 256, 3) NHWC (`save_sample_batch`).
+     uint8 (50000, 256, 256, 3) NHWC (`save_sample_batch[_streamed]`).
   3. Evaluation: `python evaluator.py VIRTUAL_imagenet256_labeled.npz samples.npz` (512px:
      VIRTUAL_imagenet512.npz), ADM's TF1 Inception-V3 graph. It reports:
        Inception Score  softmax over 1008 logits of the samples, 10 splits of 5000;
@@ -21,10 +21,10 @@ The FID protocol behind the paper's numbers (spec section 5; DiT's `sample_ddp.p
 This package holds those formulas as tested pure functions of the activations (`metrics`), and
 the network that produces them (`inception`): a Flax port of pytorch-fid's FID Inception-V3 that
 loads weights converted from pt_inception-2015-12-05 (`launch/convert_inception.py`) and matches
-pytorch-fid's network to float32 accuracy. Its preprocessing is pytorch-fid's (PyTorch bilinear
-resize, 2x - 1), which differs slightly from the TF graph's, so numbers for papers still come from
-ADM's evaluator run on our .npz (docs/evaluation.md). FID depends on N; report FID-50K only from
-50,000 samples.
+pytorch-fid's network to float32 accuracy. It preprocesses as pytorch-fid does or, in
+launch.evaluate, as the TF graph does (TF1 resize, (x - 128) / 128); neither has been checked
+against the TF graph's activations, so numbers for papers still come from ADM's evaluator run on
+our .npz (docs/evaluation.md). FID depends on N; report FID-50K only from 50,000 samples.
 
 Without Inception (CI, the embedded digits), `digits_quality` scores class-conditional digit
 samples with a small cached CNN: classification accuracy against the requested labels and a

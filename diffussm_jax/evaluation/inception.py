@@ -31,11 +31,12 @@ Outputs of `InceptionV3.__call__` (a dict), for inputs already at 299 x 299 in [
                          multiplies pool_3 by the MatMul weight of `softmax/logits` only, and its
                          Inception Score is the softmax of these.
 
-`preprocess` turns uint8 or [0, 1] images of any size into the network input exactly as
-pytorch-fid does: bilinear resize to 299 x 299 (PyTorch's `F.interpolate(align_corners=False)`,
-no antialiasing) and 2x - 1. (The TF graph itself resizes with TF1's legacy bilinear kernel and
-maps pixels by (x - 128) / 128; `resize="tf1"` reproduces that resize. pytorch-fid's and ADM's
-numbers therefore differ slightly; report ADM's evaluator for paper comparisons.)
+`preprocess` turns uint8 images of any size into the network input, by default exactly as
+pytorch-fid does (`mode="pytorch_fid"`: x / 255, PyTorch bilinear resize to 299 x 299, 2x - 1).
+The TF graph that ADM's evaluator runs resizes differently (TF1's legacy bilinear kernel, no
+half-pixel centres) and maps pixels by (x - 128) / 128; `mode="tf_graph"` does that instead and
+is what `launch.evaluate` uses, to come as close to ADM's numbers as a port can. Report ADM's own
+evaluator for comparisons with papers (docs/evaluation.md).
 
 Weights: `launch/convert_inception.py` converts the public PyTorch file to .npz or .safetensors;
 `load_variables` reads it back without unpickling anything and checks every tensor's name, shape
@@ -303,36 +304,54 @@ def bilinear_resize_matrix(in_size: int, out_size: int, mode: str = "pytorch") -
     return matrix
 
 
-def preprocess(images: jax.Array, *, resize: str = "pytorch", size: int | None = None) -> jax.Array:
-    """uint8 or [0, 1] float images -> Inception input, as pytorch-fid's `InceptionV3.forward`.
+PREPROCESSING = ("pytorch_fid", "tf_graph")
+
+
+def preprocess(
+    images: jax.Array, *, mode: str = "pytorch_fid", size: int | None = None
+) -> jax.Array:
+    """uint8 (or [0, 1] float) images -> the Inception input, resized to `size` x `size`.
+
+    mode "pytorch_fid" (pytorch-fid's `InceptionV3.forward`, resize_input + normalize_input):
+      x / 255, PyTorch's bilinear resize (`F.interpolate(align_corners=False)`, no
+      antialiasing), then 2x - 1.
+    mode "tf_graph" (what the 2015 TF graph run by ADM's evaluator does to its uint8 input, as
+      torch-fidelity reproduces it): TF1's legacy bilinear resize (no half-pixel centres) of the
+      0..255 values, then (x - 128) / 128.
 
     Args:
-      images: (B, H, W, C) with C = 3, or C = 1 (grey, repeated to 3 channels). uint8 pixels are
-        divided by 255; floats must already be in [0, 1] (pytorch-fid's convention).
-      resize: "pytorch" (pytorch-fid) or "tf1" (the TF graph's legacy resize); see
-        `bilinear_resize_matrix`.
+      images: (B, H, W, C) with C = 3, or C = 1 (grey, repeated to 3 channels); uint8, or float
+        in [0, 1] (pytorch-fid's float convention).
+      mode: see above.
       size: output side; None: `INPUT_SIZE` (299, what every reported number uses).
 
     Returns:
-      (B, size, size, 3) float32 in [-1, 1]: bilinear resize, then 2x - 1.
+      (B, size, size, 3) float32, about [-1, 1].
     """
+    if mode not in PREPROCESSING:
+        raise ValueError(f"Unknown preprocessing {mode!r}; use one of {PREPROCESSING}.")
     size = size or INPUT_SIZE
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"Expected (B, H, W, 1 or 3) images, got shape {images.shape}.")
     if images.dtype == jnp.uint8:
         images = images.astype(jnp.float32) / 255.0
     images = images.astype(jnp.float32)
+    if mode == "tf_graph":
+        images = images * 255.0
     if images.shape[-1] == 1:
         images = jnp.repeat(images, 3, axis=-1)
     _, height, width, _ = images.shape
     if (height, width) != (size, size):
-        # Separable resize as two small matmuls: exact PyTorch arithmetic, no antialiasing
-        # (jax.image.resize would antialias when downsampling 512px images).
-        rows = jnp.asarray(bilinear_resize_matrix(height, size, resize), jnp.float32)
-        cols = jnp.asarray(bilinear_resize_matrix(width, size, resize), jnp.float32)
+        # Separable resize as two small matmuls: the exact interpolation weights, and no
+        # antialiasing (jax.image.resize would antialias when downsampling 512px images).
+        kind = "pytorch" if mode == "pytorch_fid" else "tf1"
+        rows = jnp.asarray(bilinear_resize_matrix(height, size, kind), jnp.float32)
+        cols = jnp.asarray(bilinear_resize_matrix(width, size, kind), jnp.float32)
         images = jnp.einsum(
             "oh,bhwc,pw->bopc", rows, images, cols, precision=jax.lax.Precision.HIGHEST
         )
+    if mode == "tf_graph":
+        return (images - 128.0) / 128.0
     return 2.0 * images - 1.0
 
 
@@ -606,12 +625,12 @@ def load_variables(path: str | os.PathLike) -> tuple[dict, bool]:
 
 
 @functools.lru_cache(maxsize=4)
-def _feature_fn(include_fc: bool, resize: str, size: int):
+def _feature_fn(include_fc: bool, preprocessing: str, size: int):
     """Jitted (variables, uint8 images) -> activations, shared by extractors (one compile)."""
     model = InceptionV3(include_fc=include_fc)
 
     def features(variables, images):
-        outputs = model.apply(variables, preprocess(images, resize=resize, size=size))
+        outputs = model.apply(variables, preprocess(images, mode=preprocessing, size=size))
         spatial = outputs["mixed_6"][..., :7]  # ADM's spatial[..., :7]
         result = {"pool": outputs["pool"], "spatial": spatial.reshape(len(images), -1)}
         if include_fc:
@@ -630,8 +649,8 @@ class InceptionFeatures:
         activations["spatial"] (N, 2023) float32  sFID: mixed_6 first 7 channels, flattened HWC
         activations["adm_logits"] (N, 1008)       IS as ADM computes it (if weights have fc)
 
-    The batch is padded to `batch_size`, so any N compiles once; under a mesh the batch is
-    sharded over its devices by `jax.jit`'s input sharding.
+    The batch is padded to `batch_size`, so any N compiles once. It runs on the default device
+    (about 5.7 G multiply-adds per image, against hundreds of model calls per sample).
     """
 
     def __init__(
@@ -640,15 +659,13 @@ class InceptionFeatures:
         *,
         include_fc: bool = True,
         batch_size: int = 200,
-        resize: str = "pytorch",
-        sharding: jax.sharding.Sharding | None = None,
+        preprocessing: str = "pytorch_fid",
     ):
         self.variables = variables
         self.include_fc = include_fc
         self.batch_size = batch_size
-        self.sharding = sharding
         # Read at construction so tests can run the same graph at a smaller size (>= 75 px).
-        self._features = _feature_fn(include_fc, resize, INPUT_SIZE)
+        self._features = _feature_fn(include_fc, preprocessing, INPUT_SIZE)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kwargs) -> InceptionFeatures:
@@ -669,10 +686,7 @@ class InceptionFeatures:
                 part = batch[start : start + self.batch_size]
                 padded = np.zeros((self.batch_size, *part.shape[1:]), np.uint8)
                 padded[: len(part)] = part
-                device_batch = (
-                    jax.device_put(padded, self.sharding) if self.sharding is not None else padded
-                )
-                outputs = jax.device_get(self._features(self.variables, device_batch))
+                outputs = jax.device_get(self._features(self.variables, padded))
                 for name, value in outputs.items():
                     chunks.setdefault(name, []).append(np.asarray(value[: len(part)], np.float32))
         if not chunks:

@@ -56,6 +56,7 @@ class SampleSettings:
     batch_size: int
     labels: str
     guidance_channels: int | None
+    vae: str | None
     image_shape: tuple[int, int, int]
 
     def name(self) -> str:
@@ -125,20 +126,29 @@ def sample_shards(
     batch_size: int | None = None,
     labels: str = "uniform",
     guidance_channels: int | None = None,
+    vae_path: str | None = None,
 ) -> tuple[SampleSettings, list[str], np.ndarray]:
     """Draws the samples batch by batch into shard files, skipping finished batches.
+
+    Latent models are decoded through the VAE (`vae_path`, default `config.vae.path`), so the
+    shards always hold images.
 
     Returns:
       (settings, shard paths in order, labels (num_samples,)).
     """
     config = sample_workdir.load_config(workdir)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    decoder = sampling.latent_decoder(config, vae_path)  # before the slow restore: fail fast
     model, params, step = sample_workdir.restore_ema_params(workdir, config, mesh)
     devices = mesh.devices.size
     batch_size = batch_size or config.global_batch_size
     # Whole batches per device: every batch compiles to the same program.
     batch_size = -(-batch_size // devices) * devices
-    image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    if decoder is None:
+        image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
+    else:
+        side = config.data.image_size * decoder.model.config.downsample_factor
+        image_shape = (side, side, decoder.model.config.out_channels)
     settings = SampleSettings(
         model=config.model,
         step=int(step),
@@ -150,6 +160,7 @@ def sample_shards(
         batch_size=batch_size,
         labels=labels,
         guidance_channels=guidance_channels,
+        vae=None if decoder is None else (vae_path or config.vae.path),
         image_shape=image_shape,
     )
     all_labels = evaluation.draw_labels(num_samples, config.data.num_classes, seed, labels)
@@ -174,6 +185,7 @@ def sample_shards(
                 steps=settings.steps,
                 cfg_scale=settings.cfg_scale,
                 guidance_channels=guidance_channels,
+                decoder=decoder,
             )
         # Pad the last batch to the full size (one compilation); the padding is dropped.
         padded = np.resize(batch_labels, batch_size)
@@ -220,18 +232,22 @@ def reference_activations(
 
 
 def inception_metrics(
-    shard_paths: list[str], inception_path: str, reference_path: str, cache_dir: str
+    shard_paths: list[str],
+    inception_path: str,
+    reference_path: str,
+    cache_dir: str,
+    preprocessing: str = "tf_graph",
 ) -> dict[str, float]:
     """ADM's five metrics (FID, sFID, IS, precision, recall) from the Flax Inception.
 
     Precision and recall need the reference images (`arr_0`); without them only FID, sFID and
-    IS are returned.
+    IS are returned. `preprocessing`: see `inception.preprocess` ("tf_graph" is ADM's graph).
     """
     with np.load(shard_paths[0], allow_pickle=False) as shard:
         shard_size = len(shard["labels"])
     # Inception batches of at most 200 images (2 GB of activations), fewer for small samples.
     extractor = inception_lib.InceptionFeatures.from_file(
-        inception_path, batch_size=min(200, shard_size)
+        inception_path, batch_size=min(200, shard_size), preprocessing=preprocessing
     )
     samples = extractor(_iterate_shards(shard_paths))
     # The cache name identifies both files (name and size), so other weights or another
@@ -240,7 +256,7 @@ def inception_metrics(
         f"{os.path.basename(path)}-{os.stat(path).st_size}"
         for path in (reference_path, inception_path)
     )
-    cache = os.path.join(cache_dir, f"reference_activations.{tag}.npz")
+    cache = os.path.join(cache_dir, f"reference_activations.{tag}.{preprocessing}.npz")
     reference, reference_acts = reference_activations(extractor, reference_path, cache)
     if "adm_logits" not in samples:
         raise ValueError(
@@ -277,8 +293,10 @@ def evaluate(
     batch_size: int | None = None,
     labels: str = "uniform",
     guidance_channels: int | None = None,
+    vae_path: str | None = None,
     inception_path: str | None = None,
     reference_path: str | None = None,
+    inception_preprocessing: str = "tf_graph",
     output_dir: str | None = None,
 ) -> dict:
     """Samples (resumably), writes `<name>.npz` + `<name>.json` + a PNG grid, and scores.
@@ -291,8 +309,11 @@ def evaluate(
       batch_size: images per sampling call (unset: the run's global batch size).
       labels: "uniform" (protocol) or "balanced" (cycle through the classes).
       guidance_channels: guide only the first C channels (DiT's variant); unset: all.
+      vae_path: the VAE that decodes a latent model's samples; unset: `config.vae.path`.
       inception_path, reference_path: converted Inception weights and an ADM reference batch;
         both or neither.
+      inception_preprocessing: "tf_graph" (ADM's graph: TF1 resize, (x - 128) / 128) or
+        "pytorch_fid"; see `inception.preprocess`.
       output_dir: default `<workdir>/eval`.
 
     Returns:
@@ -316,6 +337,7 @@ def evaluate(
         batch_size=batch_size,
         labels=labels,
         guidance_channels=guidance_channels,
+        vae_path=vae_path,
     )
     name = settings.name()
     npz_path = os.path.join(output_dir, name + ".npz")
@@ -342,7 +364,12 @@ def evaluate(
         quality["per_class_accuracy"] = [float(x) for x in quality["per_class_accuracy"]]
         result.update(quality)
     if inception_path is not None:
-        result.update(inception_metrics(shard_paths, inception_path, reference_path, output_dir))
+        result["inception_preprocessing"] = inception_preprocessing
+        result.update(
+            inception_metrics(
+                shard_paths, inception_path, reference_path, output_dir, inception_preprocessing
+            )
+        )
     elif config.data.name != data.EmbeddedDigits.name:
         logging.info("No Inception weights given: run ADM's evaluator on %s", npz_path)
     with open(os.path.join(output_dir, name + ".json"), "w", encoding="utf-8") as f:

@@ -75,11 +75,15 @@ class InTrainingFID:
                 if eval_config.cfg_scale is None
                 else eval_config.cfg_scale
             ),
+            decoder=sampling.latent_decoder(config),  # latent models: images via the VAE
         )
         self.scorer = scorer
         if scorer == "inception":
+            # The preprocessing of ADM's TF graph, as launch.evaluate uses.
             self.extractor = inception_lib.InceptionFeatures.from_file(
-                eval_config.inception_path, batch_size=min(self.batch_size, 200)
+                eval_config.inception_path,
+                batch_size=min(self.batch_size, 200),
+                preprocessing="tf_graph",
             )
             reference = evaluation.load_reference_batch(
                 eval_config.reference_path, load_images=False
