@@ -134,7 +134,7 @@ def wait_until(process, condition, what: str, timeout: float = START_TIMEOUT_S) 
     while not condition():
         assert process.poll() is None, f"training exited (rc {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.002)
+        time.sleep(0.005)
 
 
 def check_every_checkpoint_restores(workdir: Path, abstract) -> list[int]:
