@@ -211,11 +211,11 @@ def _env():
     return env
 
 
-def launch(*args, timeout=600):
+def launch(*args, timeout=600, env=None):
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=REPO,
-        env=_env(),
+        env=env or _env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -226,14 +226,25 @@ def test_launchers_train_then_sample(tmp_path):
     workdir = tmp_path / "run"
     data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
     extra = [f"--config.data.data_dir={data_dir}"] if data_dir else []
+    env = {**_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # classifier trained here
+    # In-training FID on the digits (classifier features) at the last step.
+    fid = ["--config.eval.fid_every_steps=20", "--config.eval.fid_num_samples=16"]
     result = launch(
-        "launch.train", "--config=configs/quickstart.py:smoke", f"--workdir={workdir}", *extra
+        "launch.train",
+        "--config=configs/quickstart.py:smoke",
+        f"--workdir={workdir}",
+        *extra,
+        *fid,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (workdir / "checkpoints" / "20").is_dir()
     assert (workdir / "samples" / "step_0000020.png").is_file()
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and '"loss_t_q1"' in lines[0]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss_t_q1" in r] == [10, 20]
+    (scores,) = [r for r in records if "eval/digits_accuracy" in r]
+    assert scores["step"] == 20 and 0 <= scores["eval/digits_accuracy"] <= 1
+    assert np.isfinite(scores["eval/digits_frechet_distance"])
     assert list((workdir / "tb").iterdir())
 
     output = tmp_path / "samples.npz"
@@ -251,7 +262,6 @@ def test_launchers_train_then_sample(tmp_path):
         np.testing.assert_array_equal(f["arr_1"], [3, 7, 3, 7, 3, 7])
     assert output.with_suffix(".png").is_file()
 
-    env = {**_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # classifier trained here
     result = subprocess.run(
         [
             sys.executable,

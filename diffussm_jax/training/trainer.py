@@ -21,7 +21,15 @@ from jax.experimental import multihost_utils
 
 from diffussm_jax import data
 from diffussm_jax import diffusion as diffusion_lib
-from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train_state, train_step
+from diffussm_jax.training import (
+    checkpoint,
+    fid_eval,
+    metrics,
+    sampling,
+    sharding,
+    train_state,
+    train_step,
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -173,6 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
     step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, state_shardings)
     writer = metrics.MetricWriter(workdir)
+    # Built before the first step, so that a missing VAE or Inception file fails at start.
+    decoder = sampling.latent_decoder(config) if config.sample_every_steps else None
+    fid_hook = fid_eval.InTrainingFID.from_config(config, model, diffusion, mesh)  # None: off
     progress = metrics.Progress(start_step, config.num_train_steps, config.global_batch_size)
     stop = _StopSignal()
     sample_fn = None
@@ -243,8 +254,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                     sampler=config.sampling.sampler,
                     steps=config.sampling.steps,
                     cfg_scale=config.sampling.cfg_scale,
+                    decoder=decoder,
                 )
                 write_sample_grid(config, workdir, step, sample_fn, state.ema_params, mesh, writer)
+            if fid_hook is not None and fid_hook.due(step):
+                writer.write(step, fid_hook(state.ema_params))
             stop_now = stop.agreed() or checkpointer.manager.reached_preemption(step)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
                 save(step)
