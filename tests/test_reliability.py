@@ -1,10 +1,11 @@
 """Reliability: kill -9 at random moments, non-finite guards, checkpoint write failures, clear
 errors for bad input, and no unrestricted pickle on any loading path.
 
-Bad-input errors tested elsewhere (not repeated here; docs/reliability.md lists them all):
-hourglass ratio (test_models), patch size (test_dit), unknown model name (test_models), unknown
-config field (test_training), global batch vs devices (test_training, test_data), labels out of
-range (test_training), corrupt dataset record (test_data), unwritable workdir (test_training).
+Bad-input errors tested elsewhere (not repeated here; the README's Reliability section lists
+them all): hourglass ratio (test_models), patch size (test_dit), unknown model name
+(test_models), unknown config field (test_training), global batch vs devices (test_training,
+test_data), labels out of range (test_training), corrupt dataset record (test_data), unwritable
+workdir (test_training).
 """
 
 from __future__ import annotations
@@ -539,14 +540,16 @@ def test_npz_loading_rejects_a_pickled_object_array(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# docs/reliability.md names the tests behind each guarantee: keep those names real.
+# The README's Reliability section names the tests behind each guarantee: keep them real.
 
 
 def test_reliability_doc_names_existing_tests():
-    doc = (REPO / "docs" / "reliability.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    doc = readme[readme.index("## Reliability") :]
+    doc = doc[: doc.index("\n## ", 1)]
     named = re.findall(r"(tests/test_\w+\.py)::(test_\w+)", doc)
     assert len(named) >= 15
     for path, name in named:
         tree = ast.parse((REPO / path).read_text())
         functions = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-        assert name in functions, f"{path}::{name} is named in docs/reliability.md but missing"
+        assert name in functions, f"{path}::{name} is named in the README but missing"
