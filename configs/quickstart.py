@@ -7,8 +7,9 @@ sequence of L = 1024 pixels: the length of the paper's 256px latents (32x32x4).
     python -m launch.train --config=configs/quickstart.py:smoke --workdir=/tmp/smoke   # 20 steps
 
 Sized for a 2-core CPU: 0.40-0.43 steps/s there (13-14 img/s), so the default 600 steps take
-about 25 minutes. That budget (19K images) teaches the model strokes, not digits: about 10% of
-class-conditional samples are classified as requested. How many images the goal needs was
+about 25 minutes (60 minutes measured with four other jobs on the two cores). That budget (19K
+images) teaches the model strokes, not digits: 9.5% of class-conditional samples were classified
+as requested (README, "Quickstart"). How many images the goal needs was
 measured on an H100 with `scripts/digits_sweep.py` (docs/quickstart.md): with eps-MSE and lr 3e-3,
 76% after 5000 steps (160K images), which would be about 3.3 hours on this CPU.
 """
