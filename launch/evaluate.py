@@ -6,6 +6,7 @@ python -m launch.evaluate --workdir=runs/imagenet256 --num_samples=50000 --cfg_s
 python -m launch.evaluate --workdir=runs/quickstart --num_samples=200 --labels=balanced
 
 Resumable: rerun the same command after an interruption and finished batches are kept.
+Multi-process: run the same command on every host, as launch.train (launch/multiprocess.py).
 See docs/evaluation.md for the protocol and for running ADM's evaluator on the .npz.
 """
 
@@ -14,6 +15,7 @@ import json
 from absl import app, flags
 
 from diffussm_jax.training import evaluate_workdir
+from launch import multiprocess
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
@@ -41,6 +43,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    multiprocess.initialize()
     result = evaluate_workdir.evaluate(
         FLAGS.workdir,
         num_samples=FLAGS.num_samples,

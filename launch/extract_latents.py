@@ -9,14 +9,15 @@
 
 Interrupted? Run the same command again: finished shards are kept, the rest are written.
 Several processes (hosts) split the shards: run the same command on every host with
---coordinator_address=host0:port --num_processes=N --process_id=i (or --distributed on Cloud
-TPU / SLURM, where jax detects them). docs/latents.md has the downloads and measured times.
+--coordinator_address=host0:port --num_processes=N --process_id=i (on Cloud TPU, SLURM and
+Open MPI the processes find each other; launch/multiprocess.py). docs/latents.md has the
+downloads and measured times.
 """
 
-import jax
 from absl import app, flags
 
 from diffussm_jax.data import latents
+from launch import multiprocess
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -34,26 +35,13 @@ flags.DEFINE_enum("latent_dtype", "float32", ["float32", "float16"], "Stored lat
 flags.DEFINE_integer("max_images", None, "Only the first N images (trials, timing).")
 flags.DEFINE_integer("max_shards", None, "Stop after writing N shards (rerun to continue).")
 flags.DEFINE_integer("reader_threads", 8, "Threads that read and crop images.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detection).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["source", "vae"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if any(value is not None for value in explicit):
-        if any(value is None for value in explicit):
-            raise app.UsageError(
-                "multi-process runs need all of --coordinator_address, --num_processes and "
-                "--process_id."
-            )
-        jax.distributed.initialize(*explicit)
-    elif FLAGS.distributed:
-        jax.distributed.initialize()
+    multiprocess.initialize()
     result = latents.extract_latents(
         source=FLAGS.source,
         split=FLAGS.split,
