@@ -2,7 +2,7 @@
 
     python -m launch.train --config=configs/quickstart.py --workdir=runs/quickstart
     python -m launch.train --config=configs/imagenet256.py:model=DiffuSSM-XL \
-        --config.global_batch_size=64 --workdir=gs://bucket/run
+        --config.global_batch_size=64 --workdir=/mnt/shared/runs/xl256
 
 Multi-process: on Cloud TPU pods and under SLURM (`srun`) or Open MPI (`mpirun`) every process
 runs the same command and jax.distributed is initialised automatically. Elsewhere pass the
@@ -19,38 +19,18 @@ from ml_collections import config_flags
 
 from diffussm_jax import training
 from diffussm_jax.training import distributed, sharding
+from launch import multiprocess
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    distributed.MODES,
-    "auto: join a multi-process job when the flags below are given or SLURM / Open MPI / a "
-    "Cloud TPU VM is detected; on: always call jax.distributed.initialize; off: never.",
-)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-flags.DEFINE_integer(
-    "initialization_timeout", 300, "Seconds to wait for every process to reach the coordinator."
-)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.initialize(
-        distributed.plan_initialization(
-            FLAGS.distributed,
-            FLAGS.coordinator_address,
-            FLAGS.num_processes,
-            FLAGS.process_id,
-            initialization_timeout=FLAGS.initialization_timeout,
-        )
-    )
+    multiprocess.initialize()
     config = FLAGS.config
     distributed.log_topology(sharding.create_mesh(config.mesh.data, config.mesh.fsdp))
     logging.info("Config:\n%s", config)

@@ -23,6 +23,7 @@ from diffussm_jax import data
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax.training import (
     checkpoint,
+    distributed,
     fid_eval,
     metrics,
     sampling,
@@ -221,6 +222,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         while step < config.num_train_steps:
             local = next(data_iterator)
             batch = global_batch(local, config, mesh)
+            if step == start_step and jax.process_count() > 1:
+                # Compile first, then wait for every process: on CPU the first cross-process
+                # (gloo) collective gives a late peer only 30 s, and compile times differ.
+                step_fn = step_fn.lower(state, batch).compile()
+                distributed.barrier(f"train_step_compiled_{step}")
             state, step_metrics = step_fn(state, batch)
             step += 1
             window.append(step_metrics)
