@@ -492,12 +492,7 @@ def _smoke_config(**fields):
         config.num_train_steps = 2
         config.checkpoint_every_steps = 2
         config.sample_every_steps = 0
-        for key, value in fields.items():
-            target = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = value
+        config.update_from_flattened_dict(fields)
     return config
 
 

@@ -48,12 +48,7 @@ def smoke_config(**fields):
     with config.unlocked():
         config.data.data_dir = DATA_DIR
         config.sample_every_steps = 0
-        for key, value in fields.items():
-            target = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = value
+        config.update_from_flattened_dict(fields)
     return config
 
 

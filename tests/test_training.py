@@ -25,12 +25,7 @@ def smoke_config(**fields):
     config = quickstart.get_config("smoke")
     with config.unlocked():
         config.data.data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
-        for key, value in fields.items():
-            target = config
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target[parent]
-            target[leaf] = value
+        config.update_from_flattened_dict(fields)
     return config
 
 
