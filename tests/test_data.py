@@ -5,7 +5,10 @@ not registered with tfds (skip_registration), so the loader reads them the way i
 dataset prepared elsewhere (e.g. cached latents): from the files in data_dir.
 """
 
+import os
 import shutil
+import subprocess
+import sys
 
 import grain
 import jax
@@ -412,3 +415,22 @@ def test_batch_size_errors_name_the_numbers(tiny_dir):
     assert data.per_process_batch_size(256, process_count=4) == 64
     with pytest.raises(ValueError, match="24 of 48 records, fewer than per_process_batch_size=32"):
         _photo_loader(tiny_dir, per_process_batch_size=32, process_index=0, process_count=2)
+
+
+def test_concurrent_preparation_builds_once(tmp_path):
+    """Processes of one job (or test subprocesses) may all find the dataset missing at once."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "from diffussm_jax.data import embedded_digits as e; "
+        f"print(e.prepare_embedded_digits({str(tmp_path)!r}).info.splits['train'].num_examples)"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=repo, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0]
+    assert [output.strip().splitlines()[-1] for output in outputs] == ["5000"] * 3

@@ -24,6 +24,7 @@ slicing syntax gives a disjoint held-out pair for evaluation classifiers:
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import importlib.resources
 import os
@@ -107,16 +108,26 @@ def default_data_dir() -> str:
 def prepare_embedded_digits(data_dir: str | os.PathLike | None = None) -> EmbeddedDigits:
     """Writes the dataset into data_dir (default: `default_data_dir()`) unless already there.
 
-    Offline and cheap (about a second). Returns the prepared builder.
+    Offline and cheap (about a second). Safe when several processes call it at once (the
+    processes of one job, or test subprocesses): one builds, the others wait and reuse it.
+    Returns the prepared builder.
     """
-    builder = EmbeddedDigits(
-        data_dir=os.fspath(data_dir) if data_dir is not None else default_data_dir(),
-        file_format="array_record",
-    )
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    data_dir = os.fspath(data_dir) if data_dir is not None else default_data_dir()
+
+    def open_builder() -> EmbeddedDigits:
+        return EmbeddedDigits(data_dir=data_dir, file_format="array_record")
+
+    builder = open_builder()
+    if builder.is_prepared():
+        return builder
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".embedded_digits.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder = open_builder()  # another process may have finished while we waited
+        if not builder.is_prepared():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+                )
             )
-        )
     return builder
