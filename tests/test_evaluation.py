@@ -422,6 +422,30 @@ def test_digits_quality_separates_real_noise_and_wrong_labels(evaluator):
     assert seen["frechet_distance"] < 2 * real["frechet_distance"]
 
 
+def test_low_resolution_digits_are_scored_against_real_digits_at_their_size(evaluator):
+    images, labels = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
+    small = digits.downsample_digits(metrics.to_uint8(images), 16)
+    assert small.shape == (500, 16, 16, 1) and small.dtype == np.uint8
+    # The pipeline's 32 -> 16 crop is a 2x2 BOX mean (PIL's fixed-point rounding: within 1 level).
+    np.testing.assert_allclose(
+        small[..., 0].astype(float),
+        metrics.to_uint8(images)[..., 0].reshape(500, 16, 2, 16, 2).astype(float).mean((2, 4)),
+        atol=1.0,
+    )
+    real16 = evaluator.quality(small, labels)
+    assert real16["accuracy"] == real16["held_out_accuracy"] >= 0.95
+    assert real16["frechet_distance"] == pytest.approx(real16["held_out_frechet_distance"])
+    # The 16x16 reference is its own: blur moves the features away from the 32x32 digits'.
+    assert (
+        real16["held_out_frechet_distance"] > evaluator.quality(images, labels)["frechet_distance"]
+    )
+    noise = evaluator.quality(np.random.default_rng(3).uniform(-1, 1, small.shape), labels)
+    assert noise["frechet_distance"] > 3 * real16["frechet_distance"]
+    assert noise["accuracy"] < 0.3
+    with pytest.raises(ValueError, match="16, 16, 1"):
+        evaluator.quality(small[:, :, :12], labels)
+
+
 def test_digits_quality_function_uses_the_cache(evaluator, classifier_cache):
     images, labels = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
     result = digits.digits_quality(images[:100], labels[:100], cache_path=classifier_cache)
@@ -522,11 +546,12 @@ def _load_samples(path):
 def test_evaluate_writes_adm_file_and_digit_scores(straight_evaluation):
     result = straight_evaluation
     images, labels = _load_samples(result["samples"])
-    assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 1)
+    side = _smoke_config().data.image_size
+    assert images.dtype == np.uint8 and images.shape == (20, side, side, 1)
     np.testing.assert_array_equal(labels, metrics.draw_labels(20, 10, seed=5, mode="uniform"))
     name = os.path.basename(result["samples"])
     # The name records model, step, N x shape, sampler + steps, cfg and seed.
-    assert name == "samples_DiffuSSM-S_step2_20x32x32x1_dpm++2m2_cfg3_seed5.npz"
+    assert name == f"samples_DiffuSSM-S_step2_20x{side}x{side}x1_dpm++2m2_cfg3_seed5.npz"
     assert (result["model"], result["step"], result["steps"], result["cfg_scale"]) == (
         "DiffuSSM-S",
         2,

@@ -22,6 +22,7 @@ def small_config(data: int, fsdp: int):
     with config.unlocked():
         config.data.data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
         config.model_overrides.depth = 2
+        config.scan_layers = True  # stacked layers, as pods run them
         config.mesh.data, config.mesh.fsdp = data, fsdp
         config.mesh.fsdp_min_size = MIN_SIZE
     return config

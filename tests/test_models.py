@@ -105,6 +105,27 @@ def test_init_values(diffussm):
     assert not np.allclose(blocks["ssm"]["forward"]["c"][0], blocks["ssm"]["forward"]["c"][1])
 
 
+@pytest.mark.parametrize("name", ["DiffuSSM-S", "DiT-S/2"])
+def test_conditioning_init_scales_are_config_fields(name):
+    """label_init_std / timestep_init_std set the normal inits of the label table and t-MLP."""
+    x, t, y = inputs(size=8)
+
+    def conditioning(**overrides):
+        variables = tiny(name, input_size=8, hidden_size=64, **overrides).init(
+            jax.random.key(0), x, t, y
+        )
+        return nn.meta.unbox(variables)["params"]["conditioning"]
+
+    spec = conditioning()  # DiT's init, the spec's default
+    fast = conditioning(label_init_std=1.0, timestep_init_std=0.1)
+    for params, label_std, t_std in ((spec, 0.02, 0.02), (fast, 1.0, 0.1)):
+        table = np.asarray(params["y_embedder"]["embedding"])  # (11, 64): 704 draws
+        assert abs(table.std() / label_std - 1) < 0.1
+        for layer in ("mlp_in", "mlp_out"):
+            kernel = np.asarray(params["t_embedder"][layer]["kernel"])
+            assert abs(kernel.std() / t_std - 1) < 0.1, layer
+
+
 def test_hourglass_groups_horizontal_neighbours():
     """With no blocks, output pixel (i, j) depends exactly on input pixels (i, 2*(j//2) + {0,1})."""
     model = tiny("DiffuSSM-S", input_size=8, depth=0)

@@ -211,6 +211,7 @@ class _TwoProcessFeed:
                     data_dir=config.data.data_dir,
                     per_process_batch_size=batch,
                     seed=config.seed,
+                    image_size=config.data.center_crop,
                     process_index=index,
                     process_count=NUM_PROCESSES,
                 )

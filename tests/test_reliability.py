@@ -429,8 +429,9 @@ def test_update_that_overflows_is_skipped_and_named():
         config, model, trainer.create_diffusion(config), tx, mesh, shardings
     )
     rng = np.random.default_rng(0)
+    side = config.data.image_size
     batch = {
-        "image": jnp.asarray(rng.uniform(-1, 1, (16, 32, 32, 1)), jnp.float32),
+        "image": jnp.asarray(rng.uniform(-1, 1, (16, side, side, 1)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
     }
     state, metrics = step_fn(state, batch)

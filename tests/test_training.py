@@ -16,7 +16,7 @@ import pytest
 from configs import quickstart
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax import training
-from diffussm_jax.training import sharding, train_state, train_step, trainer
+from diffussm_jax.training import sampling, sharding, train_state, train_step, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,10 +29,13 @@ def smoke_config(**fields):
     return config
 
 
+SIDE = quickstart.get_config("smoke").data.image_size  # what the smoke model sees
+
+
 def fixed_batch(size=16, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "image": jnp.asarray(rng.uniform(-1, 1, (size, 32, 32, 1)), jnp.float32),
+        "image": jnp.asarray(rng.uniform(-1, 1, (size, SIDE, SIDE, 1)), jnp.float32),
         "label": jnp.asarray(rng.integers(0, 10, size), jnp.int32),
     }
 
@@ -134,11 +137,54 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_pixel_samples_clip_their_x0_estimates_and_latents_do_not():
+    config = smoke_config()
+    assert sampling.clip_denoised_for(config)  # uint8 digits in [-1, 1]
+    latent = smoke_config(**{"data.latent_scale": 0.18215})
+    assert not sampling.clip_denoised_for(latent)
+    forced = smoke_config(**{"data.latent_scale": 0.18215, "sampling.clip_denoised": True})
+    assert sampling.clip_denoised_for(forced)
+
+    # The untrained model predicts eps = 0, so its x_0 estimate x_t / sqrt(alpha_bar) is far out
+    # of the data range: only the clip keeps a deterministic sampler's output inside it.
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    model = train_state.build_model(config)
+    diffusion = trainer.create_diffusion(config)
+    state, _ = train_state.create_train_state(
+        config, model, train_state.create_optimizer(config), mesh
+    )
+    labels = np.arange(4, dtype=np.int32)
+    peaks = {}
+    for clip in (True, False):
+        sample_fn = sampling.make_sample_fn(
+            model, diffusion, mesh, sampler="dpm++2m", steps=5, cfg_scale=2.0, clip_denoised=clip
+        )
+        samples = sampling.draw(sample_fn, state.ema_params, jax.random.key(0), labels, mesh)
+        peaks[clip] = float(np.abs(samples).max())
+    assert peaks[True] <= 1.0 and peaks[False] > 10.0, peaks
+
+
 def test_ema_update():
     ema = {"w": jnp.array([1.0, 2.0])}
     params = {"w": jnp.array([3.0, 6.0])}
     np.testing.assert_allclose(train_step.ema_update(ema, params, 0.9)["w"], [1.2, 2.4])
     np.testing.assert_allclose(train_step.ema_update(ema, params, 0.0)["w"], [3.0, 6.0])
+
+
+def test_ema_warmup_forgets_the_initial_parameters():
+    steps = jnp.arange(4000)
+    fixed = jax.vmap(lambda s: train_step.ema_decay_at(s, 0.995, False))(steps)
+    warm = jax.vmap(lambda s: train_step.ema_decay_at(s, 0.995, True))(steps)
+    np.testing.assert_array_equal(fixed, np.float32(0.995))
+    np.testing.assert_allclose(warm[:3], [1 / 10, 2 / 11, 3 / 12], rtol=1e-6)
+    assert warm.max() == np.float32(0.995) and int(np.argmax(warm >= 0.995)) == 1790
+    # Weight left on the initial parameters after n updates: prod of the decays.
+    at_300 = {
+        name: float(np.prod(d[:300].astype(np.float64)))
+        for name, d in (("fixed", fixed), ("warm", warm))
+    }
+    assert at_300["fixed"] == pytest.approx(0.995**300, rel=1e-4)  # 22%
+    assert at_300["warm"] < 1e-15  # the first update already keeps only 10%
 
 
 def test_nonfinite_batch_skips_update():
@@ -188,7 +234,7 @@ def test_bad_labels_and_shapes_are_explained():
     with pytest.raises(ValueError, match=r"labels out of range \[0, 10\)"):
         trainer.global_batch({**batch, "label": batch["label"] + 10}, config, mesh)
     with pytest.raises(ValueError, match="image_size"):
-        trainer.global_batch({**batch, "image": batch["image"][:, :28]}, config, mesh)
+        trainer.global_batch({**batch, "image": batch["image"][:, : SIDE - 2]}, config, mesh)
 
 
 def test_unwritable_workdir_is_explained(tmp_path):
@@ -253,7 +299,7 @@ def test_launchers_train_then_sample(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(output, allow_pickle=False) as f:
-        assert f["arr_0"].shape == (6, 32, 32, 1) and f["arr_0"].dtype == np.uint8
+        assert f["arr_0"].shape == (6, SIDE, SIDE, 1) and f["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(f["arr_1"], [3, 7, 3, 7, 3, 7])
     assert output.with_suffix(".png").is_file()
 

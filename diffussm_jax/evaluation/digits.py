@@ -16,9 +16,16 @@ seeds 0-2) and cached as an .npz of weights. It scores class-conditional samples
 
 The held-out numbers give the scale: real digits the classifier never saw reach
 `classifier_test_accuracy` and `held_out_frechet_distance`; a model at those values is as good
-as these metrics can tell. Like FID, the Frechet distance shrinks as N grows (its estimate is
-biased upwards for small N), so compare runs at the same N, ideally N = 500 (50 per class) to
-compare with the held-out value.
+as these metrics can tell.
+
+Samples of a smaller side (16x16 digits, `configs/quickstart.py`'s default) are scored at the
+classifier's 32x32 by a bilinear upsampling, and the held-out reference is then the real digits
+taken through the same round trip (the input pipeline's BOX-filter downsampling, then the same
+upsampling), so that a model is compared with real digits at its own resolution.
+
+Like FID, the Frechet distance shrinks as N grows (its estimate is biased upwards for small N),
+so compare runs at the same N, ideally N = 500 (50 per class) to compare with the held-out
+value.
 """
 
 from __future__ import annotations
@@ -289,14 +296,15 @@ class DigitsEvaluator:
         self._data_dir = data_dir
         train_images, _ = load_digits(data.CLASSIFIER_TRAIN_SPLIT, data_dir)
         self.reference_statistics = metrics.feature_statistics(classify(params, train_images)[1])
-        self._held_out = None
+        self._held_out: dict[int, dict] = {}  # by sample side
 
     def quality(self, images: np.ndarray, requested_labels: np.ndarray) -> dict:
         """Scores class-conditional digit samples.
 
         Args:
-          images: (N, 32, 32, 1) uint8 pixels, or float in [-1, 1]. Floats are first quantised
-            with `metrics.to_uint8`, so in-memory samples score exactly like saved ones.
+          images: (N, S, S, 1) uint8 pixels, or float in [-1, 1], S = 32, 16 or 8. Floats are
+            first quantised with `metrics.to_uint8`, so in-memory samples score exactly like
+            saved ones; S < 32 is upsampled to 32 (module doc).
           requested_labels: (N,) int classes the samples were generated for.
 
         Returns:
@@ -305,8 +313,10 @@ class DigitsEvaluator:
           per_class_accuracy: (10,) float64, that fraction per requested class (NaN if absent).
           frechet_distance: Frechet distance of the classifier features to the training digits'.
           classifier_test_accuracy: the classifier's accuracy on real held-out digits.
-          held_out_frechet_distance: frechet_distance of the 500 real held-out digits.
+          held_out_frechet_distance, held_out_accuracy: frechet_distance and accuracy of the
+            500 real held-out digits at side S.
         """
+        size = _side(images)
         images = _to_model_range(images)
         requested_labels = np.asarray(requested_labels)
         if requested_labels.shape != (len(images),) or not np.issubdtype(
@@ -319,15 +329,22 @@ class DigitsEvaluator:
         if ((requested_labels < 0) | (requested_labels >= NUM_CLASSES)).any():
             raise ValueError(f"requested_labels must lie in [0, {NUM_CLASSES}).")
         result = self._score(images, requested_labels)
-        result["held_out_frechet_distance"] = self.held_out_reference()["frechet_distance"]
+        reference = self.held_out_reference(size)
+        result["held_out_frechet_distance"] = reference["frechet_distance"]
+        result["held_out_accuracy"] = reference["accuracy"]
         return result
 
-    def held_out_reference(self) -> dict:
-        """`quality`'s numbers for the 500 real held-out digits with their true labels."""
-        if self._held_out is None:
+    def held_out_reference(self, size: int = IMAGE_SHAPE[0]) -> dict:
+        """`quality`'s numbers for the 500 real held-out digits with their true labels.
+
+        size: the side the samples have; real digits are taken to it and back (module doc).
+        """
+        if size not in self._held_out:
             images, labels = load_digits(data.CLASSIFIER_TEST_SPLIT, self._data_dir)
-            self._held_out = self._score(images, labels)
-        return dict(self._held_out)
+            if size != IMAGE_SHAPE[0]:
+                images = downsample_digits(metrics.to_uint8(images), size)
+            self._held_out[size] = self._score(_to_model_range(images), labels)
+        return dict(self._held_out[size])
 
     def _score(self, images: np.ndarray, labels: np.ndarray) -> dict:
         logits, features = classify(self.params, images)
@@ -346,16 +363,50 @@ class DigitsEvaluator:
         }
 
 
+def downsample_digits(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, 32, 32, 1) uint8 -> (N, size, size, 1) uint8, as the input pipeline does it.
+
+    That is `config.data.center_crop = size`: ADM's center crop, which halves with a BOX filter.
+    """
+    return np.stack([data.adm_center_crop(image, size) for image in images])
+
+
+def _side(images: np.ndarray) -> int:
+    """The side of square digit images (N, s, s, 1) with s dividing 32, checked."""
+    shape = np.shape(images)
+    side = shape[1] if len(shape) == 4 else 0
+    if (
+        len(shape) != 4
+        or shape[0] < 2
+        or shape[2] != side
+        or shape[3] != 1
+        or side < 8
+        or IMAGE_SHAPE[0] % side
+    ):
+        raise ValueError(
+            f"Expected digit images (N >= 2, 32, 32, 1), or (N, 16, 16, 1) / (N, 8, 8, 1) to be "
+            f"upsampled, got {shape}."
+        )
+    return side
+
+
 def _to_model_range(images: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 1) uint8 or float -> float32 in [-1, 1] on the uint8 grid."""
+    """(N, S, S, 1) uint8 or float -> (N, 32, 32, 1) float32 in [-1, 1] on the uint8 grid.
+
+    S < 32 is upsampled bilinearly after quantisation (see the module doc).
+    """
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE or len(images) < 2:
-        raise ValueError(f"Expected (N >= 2, 32, 32, 1) digit images, got {images.shape}.")
+    side = _side(images)
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"Expected uint8 or float images, got {images.dtype}.")
         images = metrics.to_uint8(images)
-    return data.to_model_range(images)
+    images = data.to_model_range(images)
+    if side != IMAGE_SHAPE[0]:
+        images = np.asarray(
+            jax.image.resize(images, (len(images), *IMAGE_SHAPE), "bilinear"), np.float32
+        )
+    return images
 
 
 def load_or_train_classifier(
@@ -405,7 +456,7 @@ def digits_quality(
     """Scores digit samples with the cached classifier; see `DigitsEvaluator.quality`.
 
     Args:
-      images: (N, 32, 32, 1) uint8, or float in [-1, 1].
+      images: (N, S, S, 1) uint8, or float in [-1, 1]; S = 32, or 16 or 8 (upsampled).
       requested_labels: (N,) int classes the samples were conditioned on.
       cache_path: classifier weights (trained on first use); None: `default_cache_path()`.
       data_dir: tfds data_dir of the embedded digits.

@@ -34,6 +34,12 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# Positional information added to the short tokens. The spec adds none, as the paper says the
+# SSM is position-aware; but a 1-D raster SSM locates a pixel's column only through kernels
+# periodic in the image width, and docs/quickstart.md measures what that costs a small model.
+POS_EMBEDS = ("none", "sincos", "learned")
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
@@ -153,13 +159,15 @@ class DiffuSSM(nn.Module):
     num_classes: int = 1000
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
+    label_init_std: float = 0.02  # DiT's; 1.0 learns the class far sooner (docs/quickstart.md)
+    timestep_init_std: float = 0.02
     state_size: int = 64
     ssm_init: ssm.InitName = "lin"
     dt_min: float = 0.001
     dt_max: float = 0.1
     activation: str = "gelu_tanh"
     ssm_backend: ssm.Backend = "fft"
-    learned_pos_embed: bool = False
+    pos_embed: str = "none"  # "none" (spec), "sincos" (fixed 2D, as DiT) or "learned"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
@@ -177,6 +185,8 @@ class DiffuSSM(nn.Module):
                 f"(NHWC), got {tuple(x.shape)}; build the model with input_size and in_channels "
                 "matching the data."
             )
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBEDS}.")
         if self.input_size % self.hourglass_ratio:
             raise ValueError(
                 f"latent width {self.input_size} is not divisible by hourglass_ratio "
@@ -198,7 +208,7 @@ class DiffuSSM(nn.Module):
         # Raster order; M horizontally adjacent pixels form one short token.
         tokens = x.reshape(batch, short_len, ratio * channels).astype(self.dtype)
         h = Dense(dim, axes=("patch", "embed"), name="x_embedder", **kw)(tokens)
-        if self.learned_pos_embed:
+        if self.pos_embed == "learned":
             pos = self.param(
                 "pos_embed",
                 partitioned(layers.normal_002, (None, "embed")),
@@ -206,8 +216,18 @@ class DiffuSSM(nn.Module):
                 self.param_dtype,
             )
             h = h + pos.astype(self.dtype)
+        elif self.pos_embed == "sincos":
+            # Short token j sits at row j // (W / M), column j % (W / M) of the latent.
+            pos = layers.sincos_pos_embed_2d(dim, height, width // ratio)
+            h = h + jnp.asarray(pos, self.dtype)
         c = layers.Conditioning(
-            self.num_classes, dim, self.class_dropout_prob, name="conditioning", **kw
+            self.num_classes,
+            dim,
+            self.class_dropout_prob,
+            label_init_std=self.label_init_std,
+            timestep_init_std=self.timestep_init_std,
+            name="conditioning",
+            **kw,
         )(t, y, train)
 
         block_kw = dict(

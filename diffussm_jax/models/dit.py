@@ -22,7 +22,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from diffussm_jax.models.layers import (
     LAYERS_AXIS,
@@ -33,6 +32,7 @@ from diffussm_jax.models.layers import (
     FinalLayer,
     layer_norm,
     modulate,
+    sincos_pos_embed_2d,
 )
 
 _DIT_SIZES = {
@@ -48,27 +48,6 @@ DIT_VARIANTS: dict[str, dict] = {
     for size, dims in _DIT_SIZES.items()
     for patch_size in (2, 4, 8)
 }
-
-
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> np.ndarray:
-    """Fixed 2D sin-cos positions: (grid_size**2, embed_dim) float32, tokens in raster order.
-
-    Token k = row * grid_size + col gets [sin(col * w), cos(col * w), sin(row * w), cos(row * w)],
-    each a quarter of embed_dim, with w_i = 10000 ** (-i / (embed_dim / 4)). This is the
-    reference's get_2d_sincos_pos_embed (whose first half, though called emb_h there, encodes the
-    column). Computed in float64 as the reference does, then rounded once.
-    """
-    if embed_dim % 4:
-        raise ValueError(f"2D sin-cos positions need embed_dim divisible by 4, got {embed_dim}.")
-    quarter = embed_dim // 4
-    omega = 1.0 / 10_000 ** (np.arange(quarter, dtype=np.float64) / quarter)  # (D/4,)
-    row, col = np.divmod(np.arange(grid_size * grid_size), grid_size)  # (T,) each
-
-    def encode(pos: np.ndarray) -> np.ndarray:
-        angles = pos[:, None] * omega[None, :]  # (T, D/4)
-        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-
-    return np.concatenate([encode(col), encode(row)], axis=1).astype(np.float32)
 
 
 def patchify(x: jax.Array, patch_size: int) -> jax.Array:
@@ -192,6 +171,8 @@ class DiT(nn.Module):
     num_classes: int = 1000
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
+    label_init_std: float = 0.02  # DiT's; 1.0 learns the class far sooner (docs/quickstart.md)
+    timestep_init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -260,7 +241,13 @@ class DiT(nn.Module):
         tokens = tokens.astype(jnp.float32) + pos_embed[None]  # (B, T, D)
 
         c = Conditioning(
-            self.num_classes, self.hidden_size, self.class_dropout_prob, name="conditioning", **kw
+            self.num_classes,
+            self.hidden_size,
+            self.class_dropout_prob,
+            label_init_std=self.label_init_std,
+            timestep_init_std=self.timestep_init_std,
+            name="conditioning",
+            **kw,
         )(t, y, train)  # (B, D)
 
         block = DiTBlock

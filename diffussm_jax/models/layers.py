@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 Initializer = jax.nn.initializers.Initializer
@@ -76,6 +77,29 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+def sincos_pos_embed_2d(embed_dim: int, rows: int, cols: int | None = None) -> np.ndarray:
+    """Fixed 2D sin-cos positions of a rows x cols grid (cols = rows if unset), raster order.
+
+    Returns (rows * cols, embed_dim) float32. Token k = row * cols + col gets
+    [sin(col * w), cos(col * w), sin(row * w), cos(row * w)], each a quarter of embed_dim, with
+    w_i = 10000 ** (-i / (embed_dim / 4)). On a square grid this is DiT's reference
+    get_2d_sincos_pos_embed (whose first half, though called emb_h there, encodes the column).
+    Computed in float64 as the reference does, then rounded once.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"2D sin-cos positions need embed_dim divisible by 4, got {embed_dim}.")
+    cols = rows if cols is None else cols
+    quarter = embed_dim // 4
+    omega = 1.0 / 10_000 ** (np.arange(quarter, dtype=np.float64) / quarter)  # (D/4,)
+    row, col = np.divmod(np.arange(rows * cols), cols)  # (T,) each
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = pos[:, None] * omega[None, :]  # (T, D/4)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(col), encode(row)], axis=1).astype(np.float32)
+
+
 def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), [cos, sin]."""
     half = dim // 2
@@ -88,16 +112,21 @@ def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10_00
 
 
 class TimestepEmbedder(nn.Module):
-    """t (B,) -> (B, D): sinusoidal frequencies then Linear, SiLU, Linear (normal(0.02) init)."""
+    """t (B,) -> (B, D): sinusoidal frequencies then Linear, SiLU, Linear.
+
+    Kernels are normal(init_std): 0.02 is DiT's init.
+    """
 
     hidden_size: int
     frequency_dim: int = 256
+    init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
-        kw = dict(kernel_init=normal_002, dtype=self.dtype, param_dtype=self.param_dtype)
+        kernel_init = nn.initializers.normal(stddev=self.init_std)
+        kw = dict(kernel_init=kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
         h = timestep_frequencies(t, self.frequency_dim).astype(self.dtype)
         h = Dense(self.hidden_size, axes=("freq", "embed"), name="mlp_in", **kw)(h)
         h = nn.silu(h)
@@ -108,12 +137,14 @@ class LabelEmbedder(nn.Module):
     """y (B,) int -> (B, D). Row `num_classes` is the null label used by classifier-free guidance.
 
     In training, labels are replaced by the null label with probability `dropout_prob`
-    (needs the 'label_dropout' rng).
+    (needs the 'label_dropout' rng). The table is normal(init_std): 0.02 is DiT's init; see
+    `Conditioning` for why a small model trained briefly wants 1.0.
     """
 
     num_classes: int
     hidden_size: int
     dropout_prob: float = 0.1
+    init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -124,7 +155,7 @@ class LabelEmbedder(nn.Module):
             y = jnp.where(drop, self.num_classes, y)
         table = self.param(
             "embedding",
-            partitioned(normal_002, ("vocab", "embed")),
+            partitioned(nn.initializers.normal(stddev=self.init_std), ("vocab", "embed")),
             (self.num_classes + 1, self.hidden_size),
             self.param_dtype,
         )
@@ -132,23 +163,38 @@ class LabelEmbedder(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """c = TimestepEmbedder(t) + LabelEmbedder(y); unconditional (num_classes=0): t only."""
+    """c = TimestepEmbedder(t) + LabelEmbedder(y); unconditional (num_classes=0): t only.
+
+    `label_init_std` and `timestep_init_std` set the scale of c at initialisation. DiT's 0.02
+    makes c small, and Adam grows a parameter by about one learning rate per step, so the class
+    signal needs on the order of (unit scale) / lr steps before it can steer the output: nothing
+    over a 400K-step ImageNet run, most of a 15-minute CPU run (docs/quickstart.md measures it).
+    """
 
     num_classes: int
     hidden_size: int
     class_dropout_prob: float = 0.1
+    label_init_std: float = 0.02
+    timestep_init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array, y: jax.Array | None, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        c = TimestepEmbedder(self.hidden_size, name="t_embedder", **kw)(t)
+        c = TimestepEmbedder(
+            self.hidden_size, init_std=self.timestep_init_std, name="t_embedder", **kw
+        )(t)
         if self.num_classes > 0:
             if y is None:
                 y = jnp.full(t.shape, self.num_classes, jnp.int32)
             c = c + LabelEmbedder(
-                self.num_classes, self.hidden_size, self.class_dropout_prob, name="y_embedder", **kw
+                self.num_classes,
+                self.hidden_size,
+                self.class_dropout_prob,
+                init_std=self.label_init_std,
+                name="y_embedder",
+                **kw,
             )(y, train)
         return c
 

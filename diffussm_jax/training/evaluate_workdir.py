@@ -185,6 +185,7 @@ def sample_shards(
                 steps=settings.steps,
                 cfg_scale=settings.cfg_scale,
                 guidance_channels=guidance_channels,
+                clip_denoised=sampling.clip_denoised_for(config),
                 decoder=decoder,
             )
         # Pad the last batch to the full size (one compilation); the padding is dropped.

@@ -75,6 +75,7 @@ class InTrainingFID:
                 if eval_config.cfg_scale is None
                 else eval_config.cfg_scale
             ),
+            clip_denoised=sampling.clip_denoised_for(config),
             decoder=sampling.latent_decoder(config),  # latent models: images via the VAE
         )
         self.scorer = scorer

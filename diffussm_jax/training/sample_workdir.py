@@ -92,6 +92,7 @@ def sample_to_npz(
         steps=steps,
         cfg_scale=cfg_scale,
         guidance_channels=guidance_channels,
+        clip_denoised=sampling.clip_denoised_for(config),
         decoder=decoder,
     )
     batch_size = batch_size or config.global_batch_size

@@ -104,6 +104,17 @@ def latent_decoder(
     return LatentDecoder(model, params, config.data.latent_scale)
 
 
+def clip_denoised_for(config: ml_collections.ConfigDict) -> bool:
+    """Whether samplers clip their x_0 estimates to [-1, 1]: `config.sampling.clip_denoised`.
+
+    Unset, pixel-space data (uint8 images mapped to [-1, 1]) clips and latents do not. Without
+    the clip, a pixel model's early eps errors, multiplied by up to 1/sqrt(alpha_bar) = 156 at
+    t = T-1, push deterministic samplers far outside the data range (docs/quickstart.md).
+    """
+    clip = config.sampling.get("clip_denoised")
+    return (not config.data.latent_scale) if clip is None else bool(clip)
+
+
 def make_sample_fn(
     model: nn.Module,
     diffusion: diffusion_lib.Diffusion,
@@ -113,9 +124,13 @@ def make_sample_fn(
     steps: int | str | None,
     cfg_scale: float | None,
     guidance_channels: int | None = None,
+    clip_denoised: bool = False,
     decoder: LatentDecoder | None = None,
 ):
     """Returns `sample(params, rng, labels (B,)) -> (B, H, W, C)` images in [-1, 1].
+
+    `clip_denoised` clips every x_0 estimate to [-1, 1] (pixel-space models; see
+    `clip_denoised_for`).
 
     Without a decoder: the jitted sampler, in model range. With one: the sampled latents go
     through `decoder` (a numpy result of the decoded image shape).
@@ -141,6 +156,7 @@ def make_sample_fn(
             labels=labels if conditional else None,
             null_label=model.num_classes if conditional else None,
             guidance_channels=guidance_channels,
+            clip_denoised=clip_denoised,
             sharding=batch_sharding,
         )
 

@@ -20,9 +20,24 @@ Batch = dict[str, jax.Array]
 NUM_LOSS_BUCKETS = 4  # loss by quartile of t
 
 
-def ema_update(ema: Any, params: Any, decay: float) -> Any:
+def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
     """ema <- decay * ema + (1 - decay) * params."""
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of the update that makes `step` + 1 updates; with warmup
+    min(decay, (1 + step) / (10 + step)).
+
+    The EMA starts at the initial parameters, which a fixed decay d keeps at weight d^n after n
+    updates (0.995^300 = 22%): a short run's EMA is then a blend with an untrained model. The
+    warmup averages over roughly the last 10% of the run instead until that reaches `decay`
+    (from step 1790 for 0.995).
+    """
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    step = step.astype(jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
 
 
 def all_finite(*trees: Any) -> jax.Array:
@@ -85,6 +100,7 @@ def train_step(
     diffusion: diffusion_lib.Diffusion,
     tx: optax.GradientTransformation,
     ema_decay: float,
+    ema_warmup: bool = False,
     grad_accum_steps: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on `batch` ({"image": (B, H, W, C), "label": (B,)}).
@@ -127,7 +143,9 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = ema_update(state.ema_params, params, ema_decay)
+    ema_params = ema_update(
+        state.ema_params, params, ema_decay_at(state.step, ema_decay, ema_warmup)
+    )
     # Finite loss and gradients can still overflow in the update (e.g. Adam's second moment):
     # check the new params and optimizer state too, so no NaN/Inf ever enters the state.
     finite = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm) & all_finite(params, opt_state)
@@ -167,6 +185,7 @@ def make_train_step(config, model: nn.Module, diffusion, tx, mesh: Mesh, state_s
         diffusion=diffusion,
         tx=tx,
         ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
         grad_accum_steps=config.grad_accum_steps,
     )
     return jax.jit(

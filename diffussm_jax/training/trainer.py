@@ -260,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                     sampler=config.sampling.sampler,
                     steps=config.sampling.steps,
                     cfg_scale=config.sampling.cfg_scale,
+                    clip_denoised=sampling.clip_denoised_for(config),
                     decoder=decoder,
                 )
                 write_sample_grid(config, workdir, step, sample_fn, state.ema_params, mesh, writer)
