@@ -14,7 +14,8 @@ excluded) and the 1-minute load average, so a table says how busy the machine wa
 
 `--samplers` adds sampling settings evaluated on the same weights: `default` is the config's
 (sampler, steps, guidance scale, EMA weights, clipping automatic for pixels); the others are
-`sampler:steps:cfg_scale:ema|raw[:clip|noclip]`. Rows go to `<out>/rows.jsonl` as they come and a
+`sampler:steps:cfg_scale:ema|raw[:clip|noclip]`; with `--compare_at` they all run only at those
+points and the first elsewhere. Rows go to `<out>/rows.jsonl` as they come and a
 markdown table to stdout; the sample grid of each row to `<out>/<variant>_<images>_<setting>.png`.
 """
 
@@ -86,6 +87,9 @@ VARIANTS = {
 flags.DEFINE_list("variants", ["quickstart"], f"Variants to train, of {sorted(VARIANTS)}.")
 flags.DEFINE_list("eval_at", ["10000", "20000", "30000"], "Images seen at which to sample.")
 flags.DEFINE_list("samplers", ["default"], "Sampling settings per evaluation (module doc).")
+flags.DEFINE_list(
+    "compare_at", [], "Images seen at which every --samplers setting runs (elsewhere the first)."
+)
 flags.DEFINE_integer("per_class", 20, "Samples per class at each evaluation.")
 flags.DEFINE_integer("seed", 0, "Seed of the config (init, noise, data order).")
 flags.DEFINE_list("set", [], "Extra dotted overrides for every variant, e.g. global_batch_size=32.")
@@ -215,7 +219,8 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
         cpu += time.process_time() - cpu_0
         if step not in eval_steps:
             continue
-        for setting in settings:
+        compare = not FLAGS.compare_at or eval_steps[step] in {int(n) for n in FLAGS.compare_at}
+        for setting in settings if compare else settings[:1]:
             key = tuple(setting[k] for k in ("sampler", "steps", "cfg_scale", "clip"))
             if key not in sample_fns:
                 sample_fns[key] = sampling.make_sample_fn(

@@ -21,7 +21,8 @@ as these metrics can tell.
 Samples of a smaller side (16x16 digits, `configs/quickstart.py`'s default) are scored at the
 classifier's 32x32 by a bilinear upsampling, and the held-out reference is then the real digits
 taken through the same round trip (the input pipeline's BOX-filter downsampling, then the same
-upsampling), so that a model is compared with real digits at its own resolution.
+upsampling), and so are the training digits whose statistics the Frechet distance compares
+with: a model is compared with real digits at its own resolution.
 
 Like FID, the Frechet distance shrinks as N grows (its estimate is biased upwards for small N),
 so compare runs at the same N, ideally N = 500 (50 per class) to compare with the held-out
@@ -287,16 +288,26 @@ class DigitsEvaluator:
     Attributes:
       params: classifier parameters.
       test_accuracy: accuracy on the 500 held-out digits of CLASSIFIER_TEST_SPLIT.
-      reference_statistics: (mu (128,), sigma (128, 128)) of the 4500 training digits' features.
+      reference_statistics: (mu (128,), sigma (128, 128)) of the 4500 training digits' features
+        at 32x32; `statistics_at(size)` gives them at another sample size.
     """
 
     def __init__(self, params, test_accuracy: float, data_dir: str | None = None):
         self.params = params
         self.test_accuracy = test_accuracy
         self._data_dir = data_dir
-        train_images, _ = load_digits(data.CLASSIFIER_TRAIN_SPLIT, data_dir)
-        self.reference_statistics = metrics.feature_statistics(classify(params, train_images)[1])
-        self._held_out: dict[int, dict] = {}  # by sample side
+        self._statistics: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # by sample side
+        self._held_out: dict[int, dict] = {}
+        self.reference_statistics = self.statistics_at(IMAGE_SHAPE[0])
+
+    def statistics_at(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Feature (mu, sigma) of the 4500 training digits taken to side `size` and back."""
+        if size not in self._statistics:
+            images, _ = load_digits(data.CLASSIFIER_TRAIN_SPLIT, self._data_dir)
+            if size != IMAGE_SHAPE[0]:
+                images = _to_model_range(downsample_digits(metrics.to_uint8(images), size))
+            self._statistics[size] = metrics.feature_statistics(classify(self.params, images)[1])
+        return self._statistics[size]
 
     def quality(self, images: np.ndarray, requested_labels: np.ndarray) -> dict:
         """Scores class-conditional digit samples.
@@ -311,7 +322,8 @@ class DigitsEvaluator:
           num_samples: N.
           accuracy: fraction of samples classified as their requested class.
           per_class_accuracy: (10,) float64, that fraction per requested class (NaN if absent).
-          frechet_distance: Frechet distance of the classifier features to the training digits'.
+          frechet_distance: Frechet distance of the classifier features to the training digits'
+            (at side S).
           classifier_test_accuracy: the classifier's accuracy on real held-out digits.
           held_out_frechet_distance, held_out_accuracy: frechet_distance and accuracy of the
             500 real held-out digits at side S.
@@ -328,7 +340,7 @@ class DigitsEvaluator:
             )
         if ((requested_labels < 0) | (requested_labels >= NUM_CLASSES)).any():
             raise ValueError(f"requested_labels must lie in [0, {NUM_CLASSES}).")
-        result = self._score(images, requested_labels)
+        result = self._score(images, requested_labels, size)
         reference = self.held_out_reference(size)
         result["held_out_frechet_distance"] = reference["frechet_distance"]
         result["held_out_accuracy"] = reference["accuracy"]
@@ -343,10 +355,10 @@ class DigitsEvaluator:
             images, labels = load_digits(data.CLASSIFIER_TEST_SPLIT, self._data_dir)
             if size != IMAGE_SHAPE[0]:
                 images = downsample_digits(metrics.to_uint8(images), size)
-            self._held_out[size] = self._score(_to_model_range(images), labels)
+            self._held_out[size] = self._score(_to_model_range(images), labels, size)
         return dict(self._held_out[size])
 
-    def _score(self, images: np.ndarray, labels: np.ndarray) -> dict:
+    def _score(self, images: np.ndarray, labels: np.ndarray, size: int) -> dict:
         logits, features = classify(self.params, images)
         correct = logits.argmax(axis=1) == labels
         per_class = np.full(NUM_CLASSES, np.nan)
@@ -357,7 +369,7 @@ class DigitsEvaluator:
             "accuracy": float(correct.mean()),
             "per_class_accuracy": per_class,
             "frechet_distance": metrics.frechet_distance(
-                *metrics.feature_statistics(features), *self.reference_statistics
+                *metrics.feature_statistics(features), *self.statistics_at(size)
             ),
             "classifier_test_accuracy": self.test_accuracy,
         }

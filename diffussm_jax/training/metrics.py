@@ -103,8 +103,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, rows: int, padding: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+p)+p, cols*(W+p)+p, C) image, filled row by row."""
+def image_grid(images: np.ndarray, rows: int, padding: int = 2, min_cell: int = 48) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(sH+p)+p, cols*(sW+p)+p, C) image, filled row by row.
+
+    Images smaller than `min_cell` pixels are enlarged by the integer factor s (nearest
+    neighbour) that makes them at least that big, so a grid of 16x16 digits is worth looking at.
+    """
+    scale = max(1, -(-min_cell // max(images.shape[1:3])))
+    images = np.repeat(np.repeat(np.asarray(images), scale, axis=1), scale, axis=2)
     count, height, width, channels = images.shape
     cols = -(-count // rows)
     grid = np.zeros(
