@@ -163,7 +163,7 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
     import jax.numpy as jnp
 
     from diffussm_jax import evaluation
-    from diffussm_jax.training import metrics, sampling, sharding, train_state, train_step, trainer
+    from diffussm_jax.training import metrics, sampling, sharding, trainer
 
     variant = VARIANTS[name]
     config = build_config(variant, extra)
@@ -179,12 +179,11 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
             label_init_std=config.model_overrides.label_init_std,
         )
     else:
-        model = train_state.build_model(config)
-    tx = train_state.create_optimizer(config)
-    diffusion = trainer.create_diffusion(config)
-    state, shardings = train_state.create_train_state(config, model, tx, mesh)
+        model = None
+    experiment = trainer.create_experiment(config, mesh, model)
+    model, diffusion, state = experiment.model, experiment.diffusion, experiment.state
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    step_fn = experiment.step_fn
     settings = sample_settings(config, FLAGS.samplers)
     sample_fns = {}
     images, labels = digits_for(config)
@@ -194,7 +193,9 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
     requested = np.repeat(np.arange(config.data.num_classes, dtype=np.int32), FLAGS.per_class)
     eval_steps = {-(-count // batch_size): count for count in eval_at}
     rows = []
-    wall = cpu = 0.0
+    # Training time = time in the loop minus sampling, counted from the end of the first
+    # (compiling) step; steps are asynchronous, so the clock is read after a blocking step.
+    paused_wall = paused_cpu = 0.0
     start = time.perf_counter()
     for step in range(1, max(eval_steps) + 1):
         if len(order) < batch_size:
@@ -204,21 +205,22 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
             {"image": jnp.asarray(images[index]), "label": jnp.asarray(labels[index])},
             sharding.batch_sharding(mesh),
         )
-        wall_0, cpu_0 = time.perf_counter(), time.process_time()
         state, step_metrics = step_fn(state, batch)
         if step == 1 or step in eval_steps:
             jax.block_until_ready(step_metrics)
-        if step == 1:  # compilation, not training
+        if step == 1:
             print(
                 f"{name}: {num_params / 1e6:.3f}M parameters, compile + first step "
                 f"{time.perf_counter() - start:.1f} s",
                 flush=True,
             )
+            clock_wall, clock_cpu = time.perf_counter(), time.process_time()
             continue
-        wall += time.perf_counter() - wall_0
-        cpu += time.process_time() - cpu_0
         if step not in eval_steps:
             continue
+        wall = time.perf_counter() - clock_wall - paused_wall
+        cpu = time.process_time() - clock_cpu - paused_cpu
+        pause_wall, pause_cpu = time.perf_counter(), time.process_time()
         compare = not FLAGS.compare_at or eval_steps[step] in {int(n) for n in FLAGS.compare_at}
         for setting in settings if compare else settings[:1]:
             key = tuple(setting[k] for k in ("sampler", "steps", "cfg_scale", "clip"))
@@ -259,6 +261,8 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
             )
             slug = setting["name"].replace(" ", "_")
             metrics.save_png(os.path.join(FLAGS.out, f"{name}_{row['images']}_{slug}.png"), grid)
+        paused_wall += time.perf_counter() - pause_wall
+        paused_cpu += time.process_time() - pause_cpu
     return rows
 
 

@@ -1,10 +1,11 @@
 """System level: a tiny DiffuSSM learns two synthetic classes and draws the one it is asked for.
 
 The other system tests check that training runs, resumes and shards; this one checks that it
-learns what it should. Two classes that differ only in where the light is (class 0: left half
-bright, class 1: right half bright) make the check a simple statistic of each sample, the mean of
-its left half minus the mean of its right half. The test fails when labels do not reach the
-model, when the model cannot use them, or when the sampler does not return clean samples.
+learns what it should. Two classes that differ only in where the light is
+(`data.synthetic.two_halves`: class 0 left half bright, class 1 right half bright) make the check
+a simple statistic of each sample, the mean of its left half minus the mean of its right half.
+The test fails when labels do not reach the model, when the model cannot use them, or when the
+sampler does not return clean samples.
 Checked by breaking each on purpose: with every label dropped to the null label in training, or
 with the guidance sign flipped, this test fails; so it did with DiT's conditioning init or
 without positional information (docs/quickstart.md).
@@ -15,29 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import quickstart
-from diffussm_jax.training import sampling, sharding, train_state, train_step, trainer
+from diffussm_jax.data import synthetic
+from diffussm_jax.training import sampling, sharding, trainer
 
 SIZE = 8
-
-
-def halves_data(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(count, 8, 8, 1) images in [-1, 1] whose bright half is given by the label (count,)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, count).astype(np.int32)
-    brightness = rng.uniform(0.5, 1.0, (count, 1, 1, 1))  # a distribution, not two points
-    left = np.arange(SIZE) < SIZE // 2
-    bright_left = np.broadcast_to(
-        np.where(left, 1.0, -1.0)[None, None, :, None], (1, SIZE, SIZE, 1)
-    )
-    images = np.where(labels[:, None, None, None] == 0, bright_left, -bright_left) * brightness
-    images = images + 0.05 * rng.normal(size=images.shape)
-    return np.clip(images, -1, 1).astype(np.float32), labels
-
-
-def left_minus_right(images: np.ndarray) -> np.ndarray:
-    """(N, 8, 8, 1) -> (N,): mean of the left half minus mean of the right half."""
-    half = SIZE // 2
-    return images[:, :, :half].mean((1, 2, 3)) - images[:, :, half:].mean((1, 2, 3))
 
 
 def test_conditional_samples_show_the_requested_class():
@@ -55,23 +37,20 @@ def test_conditional_samples_show_the_requested_class():
             }
         )
     mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
-    model = train_state.build_model(config)
-    diffusion = trainer.create_diffusion(config)
-    tx = train_state.create_optimizer(config)
-    state, shardings = train_state.create_train_state(config, model, tx, mesh)
-    step = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
-    images, labels = halves_data(32 * 150)
+    experiment = trainer.create_experiment(config, mesh)
+    state = experiment.state
+    images, labels = synthetic.two_halves(32 * 150, SIZE)
     for start in range(0, len(images), 32):
         batch = {
             "image": jnp.asarray(images[start : start + 32]),
             "label": jnp.asarray(labels[start : start + 32]),
         }
-        state, metrics = step(state, batch)
+        state, metrics = experiment.step_fn(state, batch)
     assert float(metrics["mse"]) < 0.1, float(metrics["mse"])
 
     sample_fn = sampling.make_sample_fn(
-        model,
-        diffusion,
+        experiment.model,
+        experiment.diffusion,
         mesh,
         sampler=config.sampling.sampler,
         steps=10,
@@ -80,13 +59,11 @@ def test_conditional_samples_show_the_requested_class():
     )
     requested = np.repeat(np.arange(2, dtype=np.int32), 16)
     samples = sampling.draw(sample_fn, state.ema_params, jax.random.key(1), requested, mesh)
-    statistic = left_minus_right(samples)
+    statistic = synthetic.left_minus_right(samples)
     shown = np.where(statistic > 0, 0, 1)
     # Each sample is a clean image of one class: halves of even brightness (the data's noise has
     # std 0.05; a sampler that leaves noise in fails here) and a clear contrast between them ...
-    within_half_std = np.concatenate(
-        [samples[:, :, : SIZE // 2].std((1, 2, 3)), samples[:, :, SIZE // 2 :].std((1, 2, 3))]
-    )
+    within_half_std = synthetic.within_half_std(samples)
     assert within_half_std.mean() < 0.25, within_half_std
     assert np.mean(np.abs(statistic) > 0.5) >= 0.9, statistic
     # ... and the class is the requested one (labels ignored: about half would be wrong).

@@ -7,6 +7,7 @@ metrics, checkpoints and EMA sample grids; on SIGTERM (preemption) saves and ret
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -64,6 +65,32 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Diffusi
         learn_sigma=config.learn_sigma,
         loss=config.diffusion.loss,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What a config builds for training: the model, its diffusion, optimizer, state and step."""
+
+    model: Any
+    diffusion: diffusion_lib.Diffusion
+    tx: Any
+    mesh: jax.sharding.Mesh
+    state: train_state.TrainState
+    step_fn: Any  # jitted (state, batch) -> (state, metrics)
+
+
+def create_experiment(config: ml_collections.ConfigDict, mesh, model=None) -> Experiment:
+    """A freshly initialised experiment of `config` on `mesh` (`model` replaces the config's).
+
+    For training loops that feed their own batches (scripts/digits_sweep.py, the learning test);
+    `train_and_evaluate` adds the data pipeline, checkpoints and hooks around the same pieces.
+    """
+    model = train_state.build_model(config) if model is None else model
+    diffusion = create_diffusion(config)
+    tx = train_state.create_optimizer(config)
+    state, shardings = train_state.create_train_state(config, model, tx, mesh)
+    step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    return Experiment(model, diffusion, tx, mesh, state, step_fn)
 
 
 def create_data_iterator(config: ml_collections.ConfigDict):
