@@ -510,6 +510,22 @@ def test_streamed_sample_file_equals_savez(tmp_path):
     np.testing.assert_array_equal(metrics.load_reference_batch(streamed).images, images)
 
 
+def test_preview_grid_puts_each_balanced_class_in_its_own_column(tmp_path):
+    # Two shards of 64 and 40 one-pixel images whose value is their label (balanced: i % 10).
+    labels = np.arange(104) % 10
+    paths = []
+    for name, part in (("a", labels[:64]), ("b", labels[64:])):
+        paths.append(str(tmp_path / f"{name}.npz"))
+        np.savez(paths[-1], images=part.astype(np.uint8).reshape(-1, 1, 1, 1))
+    grid = evaluate_workdir.preview_grid(paths, "balanced", num_classes=10)
+    # 100 samples enlarged to 48x48 cells with 2-pixel padding: 10 rows x 10 columns.
+    assert grid.shape == (10 * 50 + 2, 10 * 50 + 2, 1)
+    cells = grid[2::50, 2::50, 0][:10, :10]
+    np.testing.assert_array_equal(cells, np.tile(np.arange(10), (10, 1)))
+    square = evaluate_workdir.preview_grid(paths, "uniform", num_classes=10)
+    assert square.shape == grid.shape  # 100 samples: about square whatever the labels
+
+
 # ---------------------------------------------------------------------------------------------
 # launch.evaluate's library: resumable sampling, the sample file, scores; in-training FID
 

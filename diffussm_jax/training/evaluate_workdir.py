@@ -283,6 +283,22 @@ def inception_metrics(
     )
 
 
+def preview_grid(shard_paths: list[str], labels: str, num_classes: int) -> np.ndarray:
+    """The first 100 samples as a grid; balanced labels of at most 20 classes put class k in
+    column k (labels cycle through the classes), otherwise the grid is about square."""
+    first = []
+    for shard in _iterate_shards(shard_paths):
+        first.append(shard[: 100 - sum(len(x) for x in first)])
+        if sum(len(x) for x in first) >= 100:
+            break
+    first = np.concatenate(first)
+    if labels == "balanced" and 0 < num_classes <= 20:
+        rows = -(-len(first) // num_classes)
+    else:
+        rows = int(np.ceil(np.sqrt(len(first))))
+    return metrics.image_grid(first, rows)
+
+
 def evaluate(
     workdir: str,
     *,
@@ -354,11 +370,10 @@ def evaluate(
     evaluation.save_sample_batch_streamed(
         npz_path, _iterate_shards(shard_paths), (num_samples, *settings.image_shape), all_labels
     )
-    first = next(_iterate_shards(shard_paths))[:100]
-    metrics.save_png(png_path, metrics.image_grid(first, int(np.ceil(np.sqrt(len(first))))))
+    config = sample_workdir.load_config(workdir)
+    metrics.save_png(png_path, preview_grid(shard_paths, labels, config.data.num_classes))
     logging.info("Wrote %s", npz_path)
 
-    config = sample_workdir.load_config(workdir)
     if config.data.name == data.EmbeddedDigits.name:
         images = np.concatenate(list(_iterate_shards(shard_paths)))
         quality = evaluation.digits_quality(images, all_labels, data_dir=config.data.data_dir)
