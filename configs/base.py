@@ -66,11 +66,19 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Directory with diffusers' config.json + diffusion_pytorch_model.safetensors (docs/latents.md).
     config.vae.path = optional(str)
 
-    # Diffusion (spec section 5).
+    # Diffusion (spec section 5). The defaults are the paper's recipe; docs/objectives.md
+    # describes the alternatives.
     config.diffusion = ml_collections.ConfigDict()
-    config.diffusion.num_timesteps = 1000
-    config.diffusion.schedule = "linear"
-    config.diffusion.loss = "hybrid"
+    config.diffusion.process = "gaussian"  # or "flow" (linear interpolant, needs learn_sigma=False)
+    config.diffusion.num_timesteps = 1000  # gaussian
+    config.diffusion.schedule = "linear"  # gaussian
+    config.diffusion.loss = "hybrid"  # "hybrid" or "mse"; flow: "mse"
+    config.diffusion.prediction = "eps"  # gaussian: "eps", "v" or "x0"
+    config.diffusion.loss_weighting = "none"  # gaussian: "none" or "min_snr"
+    config.diffusion.min_snr_gamma = 5.0  # gamma of min_snr (5 in Hang et al. 2023)
+    config.diffusion.t_sampling = "uniform"  # flow: "uniform" or "logit_normal"
+    config.diffusion.logit_mean = 0.0  # flow, logit_normal
+    config.diffusion.logit_std = 1.0
 
     # Optimisation: AdamW, lr 1e-4 constant, no weight decay, EMA 0.9999 (DiT recipe).
     config.global_batch_size = 256
@@ -102,7 +110,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # Sampling during training (EMA params) and defaults for launch/sample.py.
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.sampler = "ddpm"
+    config.sampling.sampler = "ddpm"  # gaussian: ddpm, ddim, dpm++2m; flow: euler, heun
     config.sampling.steps = 250
     config.sampling.cfg_scale = optional(float, 1.5)  # unset: no guidance
     # Clip each x_0 estimate to [-1, 1]; unset: on for pixel data, off for latents.

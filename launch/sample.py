@@ -14,7 +14,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
 flags.DEFINE_integer("num_samples", 64, "Number of samples.")
 flags.DEFINE_string("output", None, "Output .npz path (a PNG grid is written beside it).")
-flags.DEFINE_string("sampler", None, "ddpm | ddim | dpm++2m (default: the run's config).")
+flags.DEFINE_string(
+    "sampler",
+    None,
+    "Gaussian runs: ddpm | ddim | dpm++2m; flow runs: euler | heun (default: the run's config).",
+)
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config).")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale; 1 disables it.")
 flags.DEFINE_list("labels", None, "Class labels to cycle through (default: uniform random).")

@@ -374,3 +374,272 @@ def test_sample_timesteps_uniform_range():
     assert t.dtype == jnp.int32 and int(t.min()) == 0 and int(t.max()) == 9
     counts = np.bincount(np.asarray(t), minlength=10)
     assert np.all(np.abs(counts - 409.6) < 5 * np.sqrt(409.6))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction targets (eps, v, x0) and loss weighting
+
+
+def _rotation_reference(alpha_bar, x0, eps):
+    """x_t and v from (x_0, eps) as the rotation [[a, s], [-s, a]] of the pair, and its inverse by
+    a generic linear solve (not the transposed closed form the library uses)."""
+    a, s = np.sqrt(alpha_bar)[:, None], np.sqrt(1 - alpha_bar)[:, None]
+    flat_x0, flat_eps = x0.reshape(len(x0), -1), eps.reshape(len(eps), -1)
+    xt, v = a * flat_x0 + s * flat_eps, -s * flat_x0 + a * flat_eps
+    recovered = np.stack(
+        [
+            np.linalg.solve(
+                np.array([[a[i, 0], s[i, 0]], [-s[i, 0], a[i, 0]]]), np.stack([xt[i], v[i]])
+            )
+            for i in range(len(x0))
+        ]
+    )  # (B, 2, D): x_0 and eps back from (x_t, v)
+    shape = x0.shape
+    return (
+        xt.reshape(shape),
+        v.reshape(shape),
+        recovered[:, 0].reshape(shape),
+        recovered[:, 1].reshape(shape),
+    )
+
+
+def test_v_and_x0_conversions_float64():
+    _betas, alpha_bar = _reference_linear_alpha_bar(1000)
+    rng = np.random.default_rng(6)
+    x0, eps = rng.normal(size=(2, 4, 3, 2, 2))
+    t = np.array([0, 1, 500, 999])
+    xt, v, x0_back, eps_back = _rotation_reference(alpha_bar[t], x0, eps)
+    # The reference inverts itself.
+    np.testing.assert_allclose(x0_back, x0, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(eps_back, eps, rtol=1e-10, atol=1e-12)
+    with jax.enable_x64(True):
+        t = jnp.asarray(t)
+        for prediction in ("eps", "v", "x0"):
+            d = diffusion.create(prediction=prediction)
+            np.testing.assert_allclose(
+                np.asarray(diffusion.q_sample(d, x0, t, eps)), xt, rtol=1e-12
+            )
+            target = np.asarray(
+                diffusion.prediction_target(d, jnp.asarray(x0), t, jnp.asarray(eps))
+            )
+            np.testing.assert_allclose(
+                target, {"eps": eps, "v": v, "x0": x0}[prediction], rtol=1e-12, atol=1e-14
+            )
+            # The model's exact prediction converts back to the true (eps, x_0).
+            got_eps, got_x0 = diffusion.eps_and_xstart(d, jnp.asarray(target), jnp.asarray(xt), t)
+            assert got_eps.dtype == jnp.float64
+            # x0 prediction at t = 0 divides by sqrt(1 - alpha_bar_0) = 0.01: 1e-10 relative.
+            np.testing.assert_allclose(np.asarray(got_x0), x0, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(np.asarray(got_eps), eps, rtol=1e-10, atol=1e-10)
+        d = diffusion.create(prediction="v")
+        np.testing.assert_allclose(
+            np.asarray(diffusion.v_from_xstart_and_eps(d, jnp.asarray(x0), t, jnp.asarray(eps))),
+            v,
+            rtol=1e-12,
+            atol=1e-14,
+        )
+        np.testing.assert_allclose(
+            np.asarray(diffusion.predict_xstart_from_v(d, jnp.asarray(xt), t, jnp.asarray(v))),
+            x0,
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        np.testing.assert_allclose(
+            np.asarray(diffusion.predict_eps_from_v(d, jnp.asarray(xt), t, jnp.asarray(v))),
+            eps,
+            rtol=1e-10,
+            atol=1e-12,
+        )
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_p_mean_variance_is_the_same_for_equivalent_predictions(clip):
+    """An eps, v or x0 model that implies the same x_0 gives the same reverse step."""
+    d = {p: diffusion.create(prediction=p) for p in ("eps", "v", "x0")}
+    _betas, alpha_bar = _reference_linear_alpha_bar(1000)
+    rng = np.random.default_rng(7)
+    xt, eps = rng.normal(size=(2, 3, 2, 2, 2))
+    var_values = rng.uniform(-1, 1, size=xt.shape)
+    t = np.array([3, 400, 990])
+    a = np.sqrt(alpha_bar[t])[:, None, None, None]
+    s = np.sqrt(1 - alpha_bar[t])[:, None, None, None]
+    x0 = (xt - s * eps) / a
+    outputs = {"eps": eps, "x0": x0, "v": a * eps - s * x0}
+    with jax.enable_x64(True):
+        steps = {
+            p: diffusion.p_mean_variance(
+                d[p],
+                jnp.asarray(np.concatenate([outputs[p], var_values], -1)),
+                jnp.asarray(xt),
+                jnp.asarray(t),
+                clip_denoised=clip,
+            )
+            for p in d
+        }
+    expected_x0 = np.clip(x0, -1, 1) if clip else x0
+    for p, step in steps.items():
+        np.testing.assert_allclose(
+            np.asarray(step["pred_xstart"]), expected_x0, rtol=1e-9, atol=1e-12, err_msg=p
+        )
+        np.testing.assert_allclose(np.asarray(step["eps"]), eps, rtol=1e-9, atol=1e-12, err_msg=p)
+        for name in ("mean", "log_variance"):
+            np.testing.assert_allclose(
+                np.asarray(step[name]),
+                np.asarray(steps["eps"][name]),
+                rtol=1e-9,
+                atol=1e-12,
+                err_msg=p,
+            )
+
+
+def _reference_weights(alpha_bar, prediction, weighting, gamma):
+    """Min-SNR weights written from the issue's table, per example."""
+    snr = alpha_bar / (1 - alpha_bar)
+    if weighting == "none":
+        return np.ones_like(snr)
+    return {
+        "eps": np.minimum(snr, gamma) / snr,
+        "v": np.minimum(snr, gamma) / (snr + 1),
+        "x0": np.minimum(snr, gamma),
+    }[prediction]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_weighted_losses_match_numpy_float64(prediction, weighting):
+    """loss = w_t * mean((target - prediction)^2) + vb on fixed inputs, against numpy.
+
+    The model's mean channels are a noisy version of the prediction target. The VLB term of the
+    hybrid loss depends only on the x_0 the prediction implies, so it equals the eps reference
+    evaluated with the equivalent eps output.
+    """
+    num_timesteps, gamma = 100, 3.0
+    _betas, alpha_bar = _reference_linear_alpha_bar(num_timesteps)
+    rng = np.random.default_rng(8)
+    x0 = np.round(rng.uniform(-1, 1, size=(4, 3, 3, 2)) * 127.5) / 127.5
+    noise = rng.normal(size=x0.shape)
+    # SNR from ~1e3 down to ~4e-5: both sides of gamma = 3.
+    t = np.array([0, 9, 30, 99])
+    a = np.sqrt(alpha_bar[t])[:, None, None, None]
+    s = np.sqrt(1 - alpha_bar[t])[:, None, None, None]
+    target = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[prediction]
+    predicted = target + 0.05 * rng.normal(size=x0.shape)
+    var_values = rng.uniform(-1, 1, x0.shape)
+    # The same model as an eps-predictor: convert its implied x_0.
+    xt = a * x0 + s * noise
+    implied_x0 = {"eps": (xt - s * predicted) / a, "x0": predicted, "v": a * xt - s * predicted}[
+        prediction
+    ]
+    implied_eps = (xt - a * implied_x0) / s
+    eps_reference = _reference_hybrid_losses(
+        num_timesteps, x0, noise, t, np.concatenate([implied_eps, var_values], -1)
+    )
+    mse = np.mean((target - predicted) ** 2, axis=(1, 2, 3))
+    weights = _reference_weights(alpha_bar[t], prediction, weighting, gamma)
+    if weighting == "min_snr":
+        assert weights.min() < weights.max()  # the weighting is not constant on these inputs
+
+    d = diffusion.create(
+        num_timesteps=num_timesteps,
+        prediction=prediction,
+        loss_weighting=weighting,
+        min_snr_gamma=gamma,
+    )
+    with jax.enable_x64(True):
+        model_output = jnp.asarray(np.concatenate([predicted, var_values], -1))
+        got = diffusion.training_losses(
+            lambda x, t, y: model_output, d, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise)
+        )
+        np.testing.assert_allclose(np.asarray(got["mse"]), mse, rtol=1e-10)
+        np.testing.assert_allclose(np.asarray(got["vb"]), eps_reference["vb"], rtol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(got["loss"]), weights * mse + eps_reference["vb"], rtol=1e-7
+        )
+    np.testing.assert_allclose(diffusion.mse_weights(d)[t], weights, rtol=1e-12)
+
+
+def test_prediction_and_weighting_are_validated_and_kept_by_respacing():
+    with pytest.raises(ValueError, match="prediction"):
+        diffusion.create(prediction="score")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        diffusion.create(loss_weighting="p2")
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        diffusion.create(loss_weighting="min_snr", min_snr_gamma=0.0)
+    d = diffusion.create(
+        prediction="v", loss_weighting="min_snr", min_snr_gamma=2.0, timestep_respacing="ddim10"
+    )
+    assert (d.prediction, d.loss_weighting, d.min_snr_gamma) == ("v", "min_snr", 2.0)
+    # The respaced chain's weights are the original chain's at the kept steps.
+    full = diffusion.create(prediction="v", loss_weighting="min_snr", min_snr_gamma=2.0)
+    np.testing.assert_allclose(
+        diffusion.mse_weights(d), diffusion.mse_weights(full)[d.timestep_map], rtol=1e-12
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching (linear interpolant)
+
+
+def test_flow_interpolant_and_loss_float64():
+    rng = np.random.default_rng(9)
+    x0, eps = rng.normal(size=(2, 3, 2, 2, 2))
+    t = np.array([0.0, 0.3, 1.0])
+    velocity = rng.normal(size=x0.shape)
+    seen = {}
+
+    def model_fn(x, t_model, y):
+        seen["x"], seen["t"] = x, t_model
+        return jnp.asarray(velocity)
+
+    expected_xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+    expected = np.mean((velocity - (eps - x0)) ** 2, axis=(1, 2, 3))
+    flow = diffusion.create_flow()
+    with jax.enable_x64(True):
+        got = diffusion.training_losses(
+            model_fn, flow, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(eps)
+        )
+        np.testing.assert_allclose(np.asarray(seen["x"]), expected_xt, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(np.asarray(got["loss"]), expected, rtol=1e-12)
+        np.testing.assert_array_equal(np.asarray(got["mse"]), np.asarray(got["loss"]))
+        np.testing.assert_array_equal(np.asarray(got["vb"]), 0.0)
+        # x_0 = x_t - t v recovers the data from the true velocity.
+        x0_back = diffusion.flow.predict_xstart(
+            jnp.asarray(expected_xt), jnp.asarray(t), jnp.asarray(eps - x0)
+        )
+        np.testing.assert_allclose(np.asarray(x0_back), x0, rtol=1e-12, atol=1e-14)
+    # The contract: the model sees t as float32 (B,) in [0, 1].
+    assert seen["t"].dtype == jnp.float32 and seen["t"].shape == (3,)
+    np.testing.assert_array_equal(np.asarray(seen["t"]), t.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("t_sampling", "logit_mean", "logit_std"), [("uniform", 0.0, 1.0), ("logit_normal", 0.5, 0.8)]
+)
+def test_flow_time_sampling(t_sampling, logit_mean, logit_std):
+    flow = diffusion.create_flow(t_sampling=t_sampling, logit_mean=logit_mean, logit_std=logit_std)
+    n = 8192
+    t = np.asarray(diffusion.sample_timesteps(jax.random.key(0), n, flow), np.float64)
+    assert t.shape == (n,) and t.min() >= 0.0 and t.max() <= 1.0
+    if t_sampling == "uniform":
+        # U[0, 1): mean 1/2, variance 1/12; the variance of (t - 1/2)^2 is 1/180.
+        assert abs(t.mean() - 0.5) < 5 * np.sqrt(1 / 12 / n)
+        assert abs(t.var() - 1 / 12) < 5 * np.sqrt(1 / 180 / n)
+    else:
+        logits = np.log(t) - np.log1p(-t)
+        assert abs(logits.mean() - logit_mean) < 5 * logit_std / np.sqrt(n)
+        assert abs(logits.std() - logit_std) < 5 * logit_std / np.sqrt(2 * (n - 1))
+
+
+def test_create_flow_validates():
+    with pytest.raises(ValueError, match="t_sampling"):
+        diffusion.create_flow(t_sampling="cosmap")
+    with pytest.raises(ValueError, match="logit_std"):
+        diffusion.create_flow(t_sampling="logit_normal", logit_std=0.0)
+
+
+def test_timestep_bucket_losses_of_flow_times():
+    values = jnp.array([1.0, 2.0, 3.0, 4.0, 10.0])
+    t = jnp.array([0.0, 0.2499, 0.25, 0.9, 1.0])  # t = 1 belongs to the last quartile
+    got = jax.jit(diffusion.timestep_bucket_losses, static_argnums=(2, 3))(values, t, 1.0, 4)
+    np.testing.assert_allclose(np.asarray(got["count"]), [2, 1, 0, 2])
+    np.testing.assert_allclose(np.asarray(got["sum"]), [3.0, 3.0, 0.0, 14.0])

@@ -1,14 +1,20 @@
 """System-level tests of the samplers: analytic denoisers, guidance, determinism, sharding.
 
-The analytic model is the exact epsilon-predictor E[eps | x_t] for known data distributions, applied
-per channel: channel 0 holds N(0.7, 0.5^2) data, channel 1 a two-component Gaussian mixture. With
-the exact denoiser a correct sampler reproduces the data up to its discretisation error:
+The analytic model is the exact predictor for known data distributions, applied per channel:
+channel 0 holds N(0.7, 0.5^2) data, channel 1 a two-component Gaussian mixture. For the Gaussian
+process it is E[eps | x_t], handed to the sampler as eps, v or x_0 (each prediction type); for the
+flow process it is the exact velocity E[eps - x_0 | x_t]. With the exact predictor a correct
+sampler reproduces the data up to its discretisation error:
   - Gaussian channel: every sampler step is affine in x plus independent noise, so the output
     moments of the discrete sampler are computed exactly by a scalar recursion written here; the
     samples must match it within a few standard errors (no discretisation allowance at all).
   - Mixture channel: mean, variance and mode masses against the true values, within a few
-    standard errors plus a stated per-sampler discretisation allowance.
+    standard errors plus a per-sampler discretisation allowance: stated for the Gaussian
+    samplers; for the flow's ODE samplers computed in float64 by quadrature of the discrete
+    sampler's deterministic map at the step count under test.
 """
+
+import itertools
 
 import chex
 import jax
@@ -51,8 +57,10 @@ SAMPLER_SETTINGS = {
 }
 
 
-def analytic_eps(base):
-    """Exact E[eps | x_t] for the per-channel mixtures; learned-sigma output with v = 0."""
+def analytic_eps(base, prediction="eps"):
+    """Exact E[eps | x_t] for the per-channel mixtures, given to the sampler as `prediction`
+    (eps, x_0 = (x_t - sigma eps) / alpha or v = alpha eps - sigma x_0); learned-sigma output
+    with variance interpolation 0."""
     alphas_cumprod = jnp.asarray(base.alphas_cumprod, jnp.float32)
     weights, means, stds = (jnp.asarray(a, jnp.float32) for a in (WEIGHTS, MEANS, STDS))
 
@@ -65,7 +73,12 @@ def analytic_eps(base):
         log_resp = jnp.log(weights) - 0.5 * jnp.log(variance) - 0.5 * centered**2 / variance
         resp = jax.nn.softmax(log_resp, axis=-1)
         eps = sigma[..., 0] * jnp.sum(resp * centered / variance, axis=-1)
-        return jnp.concatenate([eps, jnp.zeros_like(eps)], axis=-1)
+        # E[x_0 | x_t] directly from the components rather than from eps: at the noisiest steps
+        # (x_t - sigma eps) / alpha would amplify float32 rounding by 1 / alpha = 156.
+        x0 = jnp.sum(resp * (means + alpha * stds**2 * centered / variance), axis=-1)
+        alpha, sigma = alpha[..., 0], sigma[..., 0]
+        output = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[prediction]
+        return jnp.concatenate([output, jnp.zeros_like(output)], axis=-1)
 
     return model_fn
 
@@ -131,12 +144,22 @@ def base():
     return diffusion.create()
 
 
-@pytest.fixture(scope="module", params=list(SAMPLER_SETTINGS))
+@pytest.fixture(
+    scope="module",
+    params=[(s, p) for p in ("eps", "v", "x0") for s in SAMPLER_SETTINGS],
+    ids=lambda param: "-".join(param),
+)
 def analytic_run(request, base):
-    sampler = request.param
+    sampler, prediction = request.param
     steps = SAMPLER_SETTINGS[sampler]["steps"]
+    trained = diffusion.create(prediction=prediction)
     samples = diffusion.sample(
-        analytic_eps(base), base, ANALYTIC_SHAPE, key(0), sampler=sampler, steps=steps
+        analytic_eps(base, prediction),
+        trained,
+        ANALYTIC_SHAPE,
+        key(0),
+        sampler=sampler,
+        steps=steps,
     )
     chex.assert_shape(samples, ANALYTIC_SHAPE)
     assert samples.dtype == jnp.float32
@@ -410,3 +433,259 @@ def test_sample_rejects_bad_arguments(base):
         diffusion.sample(model_fn, base, (1, 1, 1, 1), jax.random.key(0), sampler="euler")
     with pytest.raises(ValueError, match="null_label"):
         diffusion.sample(model_fn, base, (1, 1, 1, 1), jax.random.key(0), cfg_scale=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow matching: Euler and Heun on the exact velocity field
+
+FLOW_SETTINGS = {"euler": 50, "heun": 25}  # the same 50 model calls each
+
+
+def analytic_velocity(x, t):
+    """Exact E[eps - x_0 | x_t] of the per-channel mixtures for x_t = (1 - t) x_0 + t eps.
+
+    x_t | component k ~ N((1 - t) mu_k, V_k) with V_k = (1 - t)^2 s_k^2 + t^2; within it
+    E[eps | x_t] = t c / V_k and E[x_0 | x_t] = mu_k + (1 - t) s_k^2 c / V_k, c = x - (1 - t) mu_k.
+    """
+    weights, means, stds = (jnp.asarray(a, jnp.float32) for a in (WEIGHTS, MEANS, STDS))
+    t = t.reshape(-1, 1, 1, 1, 1)
+    variance = (1 - t) ** 2 * stds**2 + t**2  # (B, 1, 1, C, K)
+    centered = x[..., None] - (1 - t) * means
+    log_resp = jnp.log(weights) - 0.5 * jnp.log(variance) - 0.5 * centered**2 / variance
+    resp = jax.nn.softmax(log_resp, axis=-1)
+    velocity = t * centered / variance - (means + (1 - t) * stds**2 * centered / variance)
+    return jnp.sum(resp * velocity, axis=-1)
+
+
+def numpy_velocity(channel):
+    """`analytic_velocity` of one channel in float64 numpy: x (P,) at scalar t -> (P,)."""
+    weights, means, stds = WEIGHTS[channel], MEANS[channel], STDS[channel]
+
+    def velocity(x, t):
+        variance = (1 - t) ** 2 * stds**2 + t**2
+        centered = x[:, None] - (1 - t) * means
+        log_resp = np.log(weights) - 0.5 * np.log(variance) - 0.5 * centered**2 / variance
+        resp = np.exp(log_resp - log_resp.max(axis=1, keepdims=True))
+        resp /= resp.sum(axis=1, keepdims=True)
+        target = t * centered / variance - (means + (1 - t) * stds**2 * centered / variance)
+        return np.sum(resp * target, axis=1)
+
+    return velocity
+
+
+def numpy_ode_map(velocity, x, sampler, steps):
+    """Euler or Heun from t = 1 to t = 0 in float64, written out on its own."""
+    times = np.linspace(1.0, 0.0, steps + 1)
+    for t, t_next in itertools.pairwise(times):
+        h = t_next - t
+        v = velocity(x, t)
+        if sampler == "euler":
+            x = x + h * v
+        else:
+            x = x + h * 0.5 * (v + velocity(x + h * v, t_next))
+    return x
+
+
+def discrete_flow_moments(channel, sampler, steps):
+    """Mean, variance and low-mode mass of the discrete sampler's output for x_1 ~ N(0, 1).
+
+    In one dimension the ODE sampler is a deterministic increasing map x_1 -> x_0, so these are
+    integrals over the normal density of x_1, computed by the trapezoid rule on a fine grid; the
+    mass below the threshold is Phi at the grid's preimage of it.
+    """
+    z = np.linspace(-9.0, 9.0, 20001)
+    density = stats.norm.pdf(z)
+    x = numpy_ode_map(numpy_velocity(channel), z, sampler, steps)
+    assert np.all(np.diff(x) > 0)  # the map is increasing, so the preimage is well defined
+    mean = np.trapezoid(density * x, z)
+    variance = np.trapezoid(density * (x - mean) ** 2, z)
+    fourth = np.trapezoid(density * (x - mean) ** 4, z)
+    low_mass = stats.norm.cdf(np.interp(MODE_THRESHOLD, x, z))
+    return {"mean": mean, "var": variance, "fourth": fourth, "low_mass": low_mass}
+
+
+def flow_gaussian_moments(sampler, steps, mean, var):
+    """Exact output mean and variance of Euler / Heun for N(mean, var) data and x_1 ~ N(0, 1).
+
+    For Gaussian data the exact velocity is affine, v = a(t) x + b(t) with
+    a = (t - (1 - t) var) / V, b = -a (1 - t) mean - mean, V = (1 - t)^2 var + t^2, so each step
+    is x <- lin x + const.
+    """
+
+    def coefficients(t):
+        a = (t - (1 - t) * var) / ((1 - t) ** 2 * var + t**2)
+        return a, -a * (1 - t) * mean - mean
+
+    out_mean, out_var = 0.0, 1.0
+    times = np.linspace(1.0, 0.0, steps + 1)
+    for t, t_next in itertools.pairwise(times):
+        h = t_next - t
+        a, b = coefficients(t)
+        if sampler == "euler":
+            lin, const = 1 + h * a, h * b
+        else:
+            a_next, b_next = coefficients(t_next)
+            lin = 1 + 0.5 * h * (a + a_next * (1 + h * a))
+            const = 0.5 * h * (b + b_next + a_next * h * b)
+        out_mean, out_var = lin * out_mean + const, lin**2 * out_var
+    return out_mean, out_var
+
+
+@pytest.fixture(scope="module", params=list(FLOW_SETTINGS))
+def flow_run(request):
+    sampler = request.param
+    steps = FLOW_SETTINGS[sampler]
+    samples = diffusion.sample(
+        lambda x, t, y: analytic_velocity(x, t),
+        diffusion.create_flow(),
+        ANALYTIC_SHAPE,
+        key(0),
+        sampler=sampler,
+        steps=steps,
+    )
+    chex.assert_shape(samples, ANALYTIC_SHAPE)
+    assert samples.dtype == jnp.float32
+    return sampler, steps, np.asarray(samples, np.float64)
+
+
+def test_flow_gaussian_matches_exact_sampler_moments(flow_run):
+    sampler, steps, samples = flow_run
+    x = samples[..., 0].ravel()
+    mean, var = MEANS[0, 0], STDS[0, 0] ** 2
+    expected_mean, expected_var = flow_gaussian_moments(sampler, steps, mean, var)
+    n = x.size
+    se_mean, se_var = np.sqrt(expected_var / n), expected_var * np.sqrt(2 / (n - 1))
+    assert abs(x.mean() - expected_mean) < NUM_SIGMAS * se_mean, (x.mean(), expected_mean)
+    assert abs(x.var() - expected_var) < NUM_SIGMAS * se_var, (x.var(), expected_var)
+    # The recursion agrees with the quadrature of the same map (two derivations of one number).
+    quadrature = discrete_flow_moments(0, sampler, steps)
+    np.testing.assert_allclose(
+        [quadrature["mean"], quadrature["var"]], [expected_mean, expected_var], rtol=1e-6
+    )
+    # x_1 is exactly N(0, 1), so the affine map keeps the mean exact; the variance is off by the
+    # method's error: first order for Euler (6% at 50 steps), second order for Heun.
+    assert abs(expected_mean - mean) < 1e-12
+    assert abs(expected_var - var) < (0.02 if sampler == "euler" else 1e-3)
+
+
+def test_flow_mixture_matches_data(flow_run):
+    """Mean, variance and mode masses within sampling error of the discrete sampler's exact
+    output, whose distance from the data is the discretisation error at this step count."""
+    sampler, steps, samples = flow_run
+    x = samples[..., 1].ravel()
+    n = x.size
+    weights, means, stds = WEIGHTS[1], MEANS[1], STDS[1]
+    true_mean = np.sum(weights * means)
+    true_var = np.sum(weights * (stds**2 + means**2)) - true_mean**2
+    true_low_mass = np.sum(weights * stats.norm.cdf(MODE_THRESHOLD, means, stds))
+    discrete = discrete_flow_moments(1, sampler, steps)
+
+    se_mean = np.sqrt(discrete["var"] / n)
+    se_var = np.sqrt((discrete["fourth"] - discrete["var"] ** 2) / n)
+    se_mass = np.sqrt(discrete["low_mass"] * (1 - discrete["low_mass"]) / n)
+    low_mass = np.mean(x < MODE_THRESHOLD)
+    assert abs(x.mean() - discrete["mean"]) < NUM_SIGMAS * se_mean, (x.mean(), discrete["mean"])
+    assert abs(x.var() - discrete["var"]) < NUM_SIGMAS * se_var, (x.var(), discrete["var"])
+    assert abs(low_mass - discrete["low_mass"]) < NUM_SIGMAS * se_mass, (low_mass, discrete)
+
+    # The data themselves, allowing the discretisation error computed for this step count.
+    for got, truth, se, name in [
+        (x.mean(), true_mean, se_mean, "mean"),
+        (x.var(), true_var, se_var, "var"),
+        (low_mass, true_low_mass, se_mass, "low_mass"),
+    ]:
+        allowance = abs(discrete[name] - truth)
+        assert abs(got - truth) < NUM_SIGMAS * se + allowance, (name, got, truth)
+        # Euler's error is first order (3% of the variance at 50 steps), Heun's second order.
+        assert allowance < (0.03 if sampler == "euler" else 2e-3), (name, allowance)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_flow_update_rules_on_a_linear_field(sampler):
+    """v(x, t) = t x: the discrete maps are products over the grid, computed here in closed form.
+
+    Euler multiplies by (1 - h t_k) per step, Heun by 1 - h (t_k + t_k+1) / 2 + h^2 t_k t_k+1 / 2,
+    with h = 1 / N, t_k = 1 - k / N. The model is traced once and sees t as (B,) float32 at the
+    grid points: t_k for Euler, then t_k and t_k+1 per step for Heun.
+    """
+    steps, traces, seen_t, seen_x = 4, [], [], []
+
+    def model_fn(x, t, y):
+        traces.append(x.shape)
+        assert t.dtype == jnp.float32 and t.shape == (x.shape[0],)
+        jax.debug.callback(lambda t, x: (seen_t.append(np.asarray(t)), seen_x.append(x)), t, x)
+        return t[:, None, None, None] * x
+
+    out = np.asarray(
+        diffusion.sample(
+            model_fn, diffusion.create_flow(), (2, 1, 1, 3), key(2), sampler=sampler, steps=steps
+        ),
+        np.float64,
+    )
+    assert len(traces) == 1
+    times = np.linspace(1.0, 0.0, steps + 1)
+    h = 1.0 / steps
+    if sampler == "euler":
+        factor = np.prod(1 - h * times[:-1])
+        expected_t = times[:-1]
+    else:
+        factor = np.prod(1 - h * (times[:-1] + times[1:]) / 2 + h**2 * times[:-1] * times[1:] / 2)
+        expected_t = np.stack([times[:-1], times[1:]], axis=1).ravel()
+    np.testing.assert_allclose(
+        np.stack(seen_t), np.repeat(expected_t[:, None], 2, axis=1), rtol=1e-7
+    )
+    x_1 = np.asarray(seen_x[0], np.float64)  # the first call sees the initial noise
+    np.testing.assert_allclose(out, factor * x_1, rtol=1e-6)
+
+
+def test_flow_guidance_scale_one_is_conditional_and_zero_is_unconditional():
+    bias = jnp.asarray(LABEL_BIAS, jnp.float32)
+
+    def model_fn(x, t, y):  # label-dependent velocity of N(-bias_y, t^2)-like data
+        return x + bias[y][:, None, None, :]
+
+    flow = diffusion.create_flow()
+    labels = jnp.arange(8) % NUM_CLASSES
+
+    @jax.jit
+    def draw(rng, labels, scale):
+        return diffusion.sample(
+            model_fn,
+            flow,
+            SAMPLE_SHAPE,
+            rng,
+            sampler="heun",
+            steps=3,
+            labels=labels,
+            cfg_scale=scale,
+            null_label=NULL_LABEL,
+        )
+
+    def plain(labels):
+        return np.asarray(
+            diffusion.sample(
+                model_fn, flow, SAMPLE_SHAPE, key(3), sampler="heun", steps=3, labels=labels
+            )
+        )
+
+    conditional, unconditional = plain(labels), plain(jnp.full_like(labels, NULL_LABEL))
+    assert not np.allclose(conditional, unconditional, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(draw(key(3), labels, 1.0)), conditional, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(draw(key(3), labels, 0.0)), unconditional, atol=1e-5)
+
+
+def test_flow_sample_rejects_bad_arguments():
+    flow = diffusion.create_flow()
+    model_fn = lambda x, t, y: x
+    with pytest.raises(ValueError, match=r"'ddpm' samples the other process.*\('euler', 'heun'\)"):
+        diffusion.sample(model_fn, flow, (1, 1, 1, 1), key(0), sampler="ddpm", steps=4)
+    with pytest.raises(ValueError, match="number of ODE steps"):
+        diffusion.sample(model_fn, flow, (1, 1, 1, 1), key(0), sampler="euler")
+    with pytest.raises(ValueError, match="number of ODE steps"):
+        diffusion.sample(model_fn, flow, (1, 1, 1, 1), key(0), sampler="euler", steps="ddim10")
+    with pytest.raises(ValueError, match="clip_denoised"):
+        diffusion.sample(
+            model_fn, flow, (1, 1, 1, 1), key(0), sampler="heun", steps=4, clip_denoised=True
+        )
+    assert diffusion.samplers_for(flow) == ("euler", "heun")
+    assert diffusion.samplers_for(diffusion.create()) == ("ddpm", "ddim", "dpm++2m")

@@ -126,6 +126,27 @@ def test_conditioning_init_scales_are_config_fields(name):
             assert abs(kernel.std() / t_std - 1) < 0.1, layer
 
 
+@pytest.mark.parametrize("family", ["DiffuSSM-S", "DiT-S/2"])
+def test_timestep_scale_maps_flow_time_onto_the_step_embedding(family):
+    """With timestep_scale = 1000 (flow), t = 0.25 conditions like step 250 at scale 1, on the
+    same parameters; the scale adds none."""
+    x, _, y = inputs(size=8)
+    steps = tiny(family, input_size=8)
+    times = tiny(family, input_size=8, timestep_scale=1000.0)
+    params = randomize(
+        nn.meta.unbox(steps.init(jax.random.key(0), x, jnp.zeros(2, jnp.int32), y))["params"],
+        jax.random.key(5),
+    )
+    chex.assert_trees_all_equal_shapes(
+        params, nn.meta.unbox(times.init(jax.random.key(0), x, jnp.zeros(2), y))["params"]
+    )
+    by_step = steps.apply({"params": params}, x, jnp.array([250, 900], jnp.int32), y)
+    by_time = times.apply({"params": params}, x, jnp.array([0.25, 0.9], jnp.float32), y)
+    np.testing.assert_allclose(by_time, by_step, rtol=1e-5, atol=1e-6)
+    unscaled = steps.apply({"params": params}, x, jnp.array([0.25, 0.9], jnp.float32), y)
+    assert not np.allclose(unscaled, by_step, atol=1e-3)
+
+
 def test_hourglass_groups_horizontal_neighbours():
     """With no blocks, output pixel (i, j) depends exactly on input pixels (i, 2*(j//2) + {0,1})."""
     model = tiny("DiffuSSM-S", input_size=8, depth=0)

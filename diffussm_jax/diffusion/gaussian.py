@@ -1,8 +1,15 @@
 """Gaussian diffusion math as pure functions of arrays.
 
 Forward process q(x_t | x_0), true posterior q(x_{t-1} | x_t, x_0), the model's reverse step
-p(x_{t-1} | x_t) from its output (eps and, with learned sigma, the "learned range" interpolation v),
-Gaussian KL and the discretised Gaussian log-likelihood of the decoder at t = 0.
+p(x_{t-1} | x_t) from its output (its mean prediction and, with learned sigma, the "learned range"
+interpolation), Gaussian KL and the discretised Gaussian log-likelihood of the decoder at t = 0.
+
+The mean prediction is eps, x_0 or v = alpha eps - sigma x_0 (`Diffusion.prediction`), with
+alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t), x_t = alpha x_0 + sigma eps. Because
+alpha^2 + sigma^2 = 1, (x_t, v) is a rotation of (x_0, eps):
+    x_0 = alpha x_t - sigma v,    eps = sigma x_t + alpha v.
+Every conversion is affine in the prediction for fixed x_t, so classifier-free guidance on the
+prediction equals guidance on eps.
 
 Shapes: x arrays are (B, ...) (images are (B, H, W, C)); t is (B,) int32 indices into the chain of
 `diffusion` (respaced indices for a respaced chain). Schedule constants are gathered at t and
@@ -102,12 +109,78 @@ def predict_eps_from_xstart(
     )
 
 
+def v_from_xstart_and_eps(
+    diffusion: Diffusion, x_start: jax.Array, t: jax.Array, eps: jax.Array
+) -> jax.Array:
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, the target of v prediction; (B, ...)."""
+    return (
+        extract(diffusion.sqrt_alphas_cumprod, t, eps) * eps
+        - extract(diffusion.sqrt_one_minus_alphas_cumprod, t, eps) * x_start
+    )
+
+
+def predict_xstart_from_v(
+    diffusion: Diffusion, x_t: jax.Array, t: jax.Array, v: jax.Array
+) -> jax.Array:
+    """x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v; all (B, ...)."""
+    return (
+        extract(diffusion.sqrt_alphas_cumprod, t, x_t) * x_t
+        - extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+    )
+
+
+def predict_eps_from_v(
+    diffusion: Diffusion, x_t: jax.Array, t: jax.Array, v: jax.Array
+) -> jax.Array:
+    """eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v; all (B, ...)."""
+    return (
+        extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t
+        + extract(diffusion.sqrt_alphas_cumprod, t, x_t) * v
+    )
+
+
+def prediction_target(
+    diffusion: Diffusion, x_start: jax.Array, t: jax.Array, noise: jax.Array
+) -> jax.Array:
+    """What the mean channels are trained to output at (x_0, t, eps): (B, ...)."""
+    if diffusion.prediction == "eps":
+        return noise
+    if diffusion.prediction == "x0":
+        return x_start
+    return v_from_xstart_and_eps(diffusion, x_start, t, noise)
+
+
+def eps_and_xstart(
+    diffusion: Diffusion, prediction: jax.Array, x_t: jax.Array, t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The (eps, x_0) estimates implied by the mean prediction (`diffusion.prediction`).
+
+    Args:
+      prediction: (B, ..., C) the model's mean channels (eps, x_0 or v).
+      x_t: (B, ..., C).
+      t: (B,) int steps of this chain.
+
+    Returns:
+      eps, x_0: each (B, ..., C), in the float dtype of x_t (at least float32).
+    """
+    prediction = prediction.astype(_compute_dtype(x_t))
+    if diffusion.prediction == "eps":
+        return prediction, predict_xstart_from_eps(diffusion, x_t, t, prediction)
+    if diffusion.prediction == "x0":
+        return predict_eps_from_xstart(diffusion, x_t, t, prediction), prediction
+    return (
+        predict_eps_from_v(diffusion, x_t, t, prediction),
+        predict_xstart_from_v(diffusion, x_t, t, prediction),
+    )
+
+
 def split_model_output(
     diffusion: Diffusion, model_output: jax.Array
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Splits (B, ..., 2C) into eps (B, ..., C) and v (B, ..., C) when sigma is learned.
+    """Splits (B, ..., 2C) into the mean prediction (B, ..., C) and the variance interpolation
+    v (B, ..., C) when sigma is learned.
 
-    Without learned sigma the output is eps (B, ..., C) and v is returned as None.
+    Without learned sigma the output is the mean prediction (B, ..., C) and v is None.
     """
     if not diffusion.learn_sigma:
         return model_output, None
@@ -160,22 +233,23 @@ def p_mean_variance(
 ) -> dict[str, jax.Array]:
     """The model's reverse step p(x_{t-1} | x_t) = N(mean, exp(log_variance)).
 
-    The mean is the true posterior mean with x_0 replaced by the model's estimate from eps.
+    The mean is the true posterior mean with x_0 replaced by the model's estimate (from its eps,
+    x_0 or v prediction).
 
     Args:
-      model_output: (B, ..., C) eps, or (B, ..., 2C) (eps, v) when sigma is learned.
+      model_output: (B, ..., C) mean prediction, or (B, ..., 2C) (prediction, variance
+        interpolation) when sigma is learned.
       x_t: (B, ..., C).
       t: (B,) int steps of this chain.
       clip_denoised: clip the x_0 estimate to [-1, 1] (pixels; keep False for latents).
 
     Returns:
       dict with "mean" (B, ..., C), "log_variance" (broadcastable to x_t), "pred_xstart" and
-      "eps" (B, ..., C).
+      "eps" (B, ..., C); "eps" is implied by the unclipped prediction.
     """
-    eps, var_values = split_model_output(diffusion, model_output)
-    eps = eps.astype(_compute_dtype(x_t))
+    prediction, var_values = split_model_output(diffusion, model_output)
+    eps, pred_xstart = eps_and_xstart(diffusion, prediction, x_t, t)
     log_variance = model_log_variance(diffusion, var_values, x_t, t)
-    pred_xstart = predict_xstart_from_eps(diffusion, x_t, t, eps)
     if clip_denoised:
         pred_xstart = jnp.clip(pred_xstart, -1.0, 1.0)
     mean, _, _ = q_posterior_mean_variance(diffusion, pred_xstart, x_t, t)

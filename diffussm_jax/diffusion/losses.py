@@ -1,8 +1,12 @@
-"""Training losses: epsilon-MSE and improved-DDPM's hybrid loss (MSE + VLB on the variance).
+"""Training losses: the MSE of the mean prediction (eps, v or x_0), optionally min-SNR weighted,
+and improved-DDPM's hybrid loss (MSE + VLB on the variance); flow matching's velocity MSE.
 
 The hybrid loss trains the mean only through the MSE and the learned variance only through the
-variational bound: the VLB sees the eps prediction through `stop_gradient`, because improved-DDPM
+variational bound: the VLB sees the mean prediction through `stop_gradient`, because improved-DDPM
 found the VLB gradient on the mean noisy and harmful to sample quality.
+
+`sample_timesteps` and `training_losses` take either process (`Diffusion` or `Flow`); the flow
+process's own functions live in `flow`.
 """
 
 from __future__ import annotations
@@ -12,16 +16,45 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from diffussm_jax.diffusion import gaussian
-from diffussm_jax.diffusion.process import Diffusion
+from diffussm_jax.diffusion import flow, gaussian
+from diffussm_jax.diffusion.process import Diffusion, Flow, Process
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 
-def sample_timesteps(rng: jax.Array, batch_size: int, diffusion: Diffusion) -> jax.Array:
-    """Uniform t in [0, N) for each example: (batch_size,) int32."""
+def sample_timesteps(rng: jax.Array, batch_size: int, diffusion: Process) -> jax.Array:
+    """Training times for each example: (batch_size,).
+
+    Gaussian: uniform int32 steps in [0, N). Flow: float32 times in [0, 1] drawn by
+    `flow.sample_times` (uniform or logit-normal).
+    """
+    if isinstance(diffusion, Flow):
+        return flow.sample_times(rng, batch_size, diffusion)
     return jax.random.randint(rng, (batch_size,), 0, diffusion.num_timesteps, dtype=jnp.int32)
+
+
+def mse_weights(diffusion: Diffusion) -> np.ndarray:
+    """Per-step weight of the MSE term, (N,) float64, from `diffusion.loss_weighting`.
+
+    "none": 1. "min_snr" (Hang et al. 2023): the x_0-space weight min(SNR_t, gamma), with
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t), expressed for the prediction's own MSE. An error
+    in eps is an error in x_0 scaled by sqrt(1 / SNR), and an error in v one scaled by
+    sqrt((SNR + 1) / SNR), so the same x_0-space weight reads
+        eps: min(SNR, gamma) / SNR,   v: min(SNR, gamma) / (SNR + 1),   x0: min(SNR, gamma).
+    It caps the weight of the low-noise steps, whose easy denoising otherwise dominates the
+    gradient, and so speeds up convergence.
+    """
+    if diffusion.loss_weighting == "none":
+        return np.ones(diffusion.num_timesteps)
+    snr = diffusion.alphas_cumprod / (1.0 - diffusion.alphas_cumprod)
+    clipped = np.minimum(snr, diffusion.min_snr_gamma)
+    if diffusion.prediction == "eps":
+        return clipped / snr
+    if diffusion.prediction == "v":
+        return clipped / (snr + 1.0)
+    return clipped
 
 
 def vb_terms_bpd(
@@ -37,7 +70,7 @@ def vb_terms_bpd(
     negative log-likelihood of x_0. Both are averaged over the non-batch dimensions.
 
     Args:
-      model_output: (B, ..., C) or (B, ..., 2C) with learned sigma.
+      model_output: (B, ..., C) mean prediction, or (B, ..., 2C) with learned sigma.
       x_start, x_t: (B, ..., C).
       t: (B,) int steps of this chain.
 
@@ -65,9 +98,11 @@ def losses_from_model_output(
 ) -> dict[str, jax.Array]:
     """Per-example loss terms given the model's output at (x_t, t).
 
-    loss = mse + vb, where mse = mean((noise - eps)^2) and, for the hybrid loss, vb is
-    `vb_terms_bpd` with eps detached, multiplied by N / 1000 (improved-DDPM's rescaling, which keeps
-    the VLB from dominating the MSE on shorter chains; 1 at N = 1000). For loss "mse", vb is 0.
+    loss = w_t * mse + vb, where mse = mean((target - prediction)^2) with the target of
+    `diffusion.prediction` (noise, x_0 or v), w_t = `mse_weights(diffusion)[t]`, and, for the
+    hybrid loss, vb is `vb_terms_bpd` with the prediction detached, multiplied by N / 1000
+    (improved-DDPM's rescaling, which keeps the VLB from dominating the MSE on shorter chains;
+    1 at N = 1000). For loss "mse", vb is 0.
 
     Args:
       model_output: (B, ..., C), or (B, ..., 2C) when sigma is learned.
@@ -75,43 +110,51 @@ def losses_from_model_output(
       t: (B,) int steps of this chain.
 
     Returns:
-      {"loss", "mse", "vb"}, each (B,) float32 (float64 under enable_x64 with float64 inputs).
+      {"loss", "mse", "vb"}, each (B,) float32 (float64 under enable_x64 with float64 inputs);
+      "mse" is unweighted.
     """
-    eps, var_values = gaussian.split_model_output(diffusion, model_output)
+    prediction, var_values = gaussian.split_model_output(diffusion, model_output)
     dtype = jnp.promote_types(jnp.result_type(x_t), jnp.float32)
-    eps = eps.astype(dtype)
-    mse = gaussian.mean_flat(jnp.square(noise.astype(dtype) - eps))
+    prediction = prediction.astype(dtype)
+    target = gaussian.prediction_target(diffusion, x_start.astype(dtype), t, noise.astype(dtype))
+    mse = gaussian.mean_flat(jnp.square(target - prediction))
+    weight = jnp.asarray(mse_weights(diffusion), dtype)[t]
     if diffusion.loss == "hybrid":
         frozen_output = jnp.concatenate(
-            [jax.lax.stop_gradient(eps), var_values.astype(dtype)], axis=-1
+            [jax.lax.stop_gradient(prediction), var_values.astype(dtype)], axis=-1
         )
         vb = vb_terms_bpd(diffusion, frozen_output, x_start, x_t.astype(dtype), t)
         vb = vb * (diffusion.num_timesteps / 1000.0)
     else:
         vb = jnp.zeros_like(mse)
-    return {"loss": mse + vb, "mse": mse, "vb": vb}
+    return {"loss": weight * mse + vb, "mse": mse, "vb": vb}
 
 
 def training_losses(
     model_fn: ModelFn,
-    diffusion: Diffusion,
+    diffusion: Process,
     x_start: jax.Array,
     t: jax.Array,
     noise: jax.Array,
     labels: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
-    """Noises x_0 to step t, runs the model and returns the per-example loss terms.
+    """Noises x_0 to time t, runs the model and returns the per-example loss terms.
 
     Args:
-      model_fn: (x (B, H, W, C), t (B,) int32 on the original scale, y (B,) or None) -> output.
+      model_fn: (x (B, H, W, C), t (B,), y (B,) or None) -> output. Gaussian: t is int32 on the
+        original scale; flow: float32 in [0, 1] (see `flow.training_losses`).
+      diffusion: the process (`create` or `create_flow`).
       x_start: (B, H, W, C) clean data (scaled VAE latents in the paper).
-      t: (B,) int32 steps of this chain (`sample_timesteps`).
+      t: (B,) times from `sample_timesteps`: int32 steps of this chain, or flow times.
       noise: (B, H, W, C) standard normal.
       labels: (B,) int class labels, or None for an unconditional model.
 
     Returns:
-      {"loss", "mse", "vb"}, each (B,); average "loss" (or weight it) to train.
+      {"loss", "mse", "vb"}, each (B,); average "loss" to train. "mse" is the unweighted MSE,
+      "vb" the hybrid loss's VLB term (0 otherwise).
     """
+    if isinstance(diffusion, Flow):
+        return flow.training_losses(model_fn, diffusion, x_start, t, noise, labels)
     x_t = gaussian.q_sample(diffusion, x_start, t, noise)
     model_t = jnp.asarray(diffusion.timestep_map, dtype=jnp.int32)[t]
     model_output = model_fn(x_t, model_t, labels)
@@ -128,14 +171,19 @@ def timestep_bucket_losses(
 
     Args:
       values: (B,) per-example losses.
-      t: (B,) int steps in [0, num_timesteps).
-      num_timesteps: N of the chain t indexes.
+      t: (B,) int steps in [0, num_timesteps), or float times in [0, num_timesteps] (flow:
+        num_timesteps = 1; t = num_timesteps falls in the last bucket).
+      num_timesteps: N, the length of t's range.
       num_buckets: K, static.
 
     Returns:
       {"sum": (K,), "count": (K,), "mean": (K,)}; "mean" is NaN for an empty bucket.
     """
-    bucket = (t.astype(jnp.int32) * num_buckets) // num_timesteps
+    if jnp.issubdtype(t.dtype, jnp.floating):
+        scaled = jnp.floor(t * (num_buckets / num_timesteps)).astype(jnp.int32)
+        bucket = jnp.clip(scaled, 0, num_buckets - 1)
+    else:
+        bucket = (t.astype(jnp.int32) * num_buckets) // num_timesteps
     one_hot = jax.nn.one_hot(bucket, num_buckets, dtype=values.dtype)
     sums = one_hot.T @ values
     counts = jnp.sum(one_hot, axis=0)

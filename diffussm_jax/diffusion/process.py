@@ -1,9 +1,15 @@
-"""The diffusion process object: schedule arrays (float64, host) plus static configuration.
+"""The process objects: what a model is trained to reverse, as static configuration.
 
-`Diffusion` is a frozen dataclass of numpy arrays and Python scalars. It is not a pytree: close over
-it (or pass it as a static argument; it hashes by identity) and its arrays become constants of the
-jitted program. Functions in `gaussian`, `losses` and `samplers` cast the arrays to float32 (or to
-float64 under `jax.enable_x64`) where they are used.
+`Diffusion` is the Gaussian diffusion of DDPM/DiT: a frozen dataclass of float64 numpy schedule
+arrays and Python scalars. It is not a pytree: close over it (or pass it as a static argument; it
+hashes by identity) and its arrays become constants of the jitted program. Functions in `gaussian`,
+`losses` and `samplers` cast the arrays to float32 (or to float64 under `jax.enable_x64`) where
+they are used.
+
+`Flow` is the linear-interpolant flow matching of SiT (x_t = (1 - t) x_0 + t eps, t in [0, 1]);
+it holds only the training-time distribution of t, and its math lives in `flow`.
+
+`Process` (either one) is what `training_losses`, `sample_timesteps` and `sample` accept.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from diffussm_jax.diffusion import respacing, schedules
 
 LOSSES = ("hybrid", "mse")
 FIXED_VARIANCES = ("large", "small")
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+T_SAMPLINGS = ("uniform", "logit_normal")
 
 
 # eq=False: numpy fields make value equality ambiguous; identity hashing lets the object be a static
@@ -41,8 +50,13 @@ class Diffusion:
       original_num_timesteps: length of the chain the model was trained on.
       learn_sigma: model outputs 2C channels (eps, v) and the variance is "learned range".
       fixed_variance: "large" (beta_k) or "small" (posterior variance) when sigma is not learned.
-      loss: "hybrid" (eps-MSE + VLB on the variance) or "mse" (eps-MSE only).
+      loss: "hybrid" (MSE on the mean output + VLB on the variance) or "mse" (MSE only).
       schedule: name of the beta schedule of the original chain.
+      prediction: what the first C output channels are: "eps" (the noise, DDPM/DiT), "v"
+        (sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0, Salimans & Ho 2022) or "x0" (the data).
+      loss_weighting: per-example weight of the MSE term: "none" or "min_snr" (Hang et al. 2023,
+        see `losses.mse_weights`).
+      min_snr_gamma: gamma of "min_snr", the SNR above which the weight stops growing.
     """
 
     betas: np.ndarray
@@ -62,6 +76,9 @@ class Diffusion:
     fixed_variance: str
     loss: str
     schedule: str
+    prediction: str = "eps"
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
 
     @property
     def num_timesteps(self) -> int:
@@ -78,6 +95,9 @@ def from_betas(
     fixed_variance: str = "large",
     loss: str = "hybrid",
     schedule: str = "custom",
+    prediction: str = "eps",
+    loss_weighting: str = "none",
+    min_snr_gamma: float = 5.0,
 ) -> Diffusion:
     """Builds a `Diffusion` from betas (N,), deriving every other array in float64."""
     betas = np.asarray(betas, dtype=np.float64)
@@ -89,6 +109,14 @@ def from_betas(
         raise ValueError(f"unknown fixed_variance {fixed_variance!r}; expected {FIXED_VARIANCES}")
     if loss == "hybrid" and not learn_sigma:
         raise ValueError("loss='hybrid' trains the learned variance; it needs learn_sigma=True")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(
+            f"unknown loss_weighting {loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}"
+        )
+    if not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be positive (5 in Hang et al.), got {min_snr_gamma}")
     num_steps = betas.shape[0]
     if timestep_map is None:
         timestep_map = np.arange(num_steps)
@@ -122,6 +150,9 @@ def from_betas(
         fixed_variance=fixed_variance,
         loss=loss,
         schedule=schedule,
+        prediction=prediction,
+        loss_weighting=loss_weighting,
+        min_snr_gamma=float(min_snr_gamma),
     )
 
 
@@ -140,6 +171,9 @@ def respace(diffusion: Diffusion, spec: str | int) -> Diffusion:
         fixed_variance=diffusion.fixed_variance,
         loss=diffusion.loss,
         schedule=diffusion.schedule,
+        prediction=diffusion.prediction,
+        loss_weighting=diffusion.loss_weighting,
+        min_snr_gamma=diffusion.min_snr_gamma,
     )
 
 
@@ -150,6 +184,9 @@ def create(
     loss: str | None = None,
     timestep_respacing: str | int | None = None,
     fixed_variance: str = "large",
+    prediction: str = "eps",
+    loss_weighting: str = "none",
+    min_snr_gamma: float = 5.0,
 ) -> Diffusion:
     """The DiT/DiffuSSM diffusion: T steps of `schedule`, optionally respaced.
 
@@ -162,6 +199,10 @@ def create(
       timestep_respacing: None for the full chain, or a spec such as "250", "ddim50", "10,15,20".
       fixed_variance: variance when sigma is not learned: "large" (beta_t, DiT's default) or
         "small" (the true posterior variance).
+      prediction: the network's mean output: "eps" (paper), "v" or "x0". Every sampler and the
+        learned-variance channels work with each.
+      loss_weighting: "none" (paper) or "min_snr" (min-SNR-gamma weighting of the MSE term).
+      min_snr_gamma: gamma of "min_snr" (5 in Hang et al. 2023).
 
     Returns:
       A `Diffusion`; close over it inside jit.
@@ -174,7 +215,43 @@ def create(
         fixed_variance=fixed_variance,
         loss=loss,
         schedule=schedule,
+        prediction=prediction,
+        loss_weighting=loss_weighting,
+        min_snr_gamma=min_snr_gamma,
     )
     if timestep_respacing is not None and str(timestep_respacing) != "":
         diffusion = respace(diffusion, timestep_respacing)
     return diffusion
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+    """Linear-interpolant flow matching: x_t = (1 - t) x_0 + t eps, t in [0, 1], t = 0 is data.
+
+    The network predicts the velocity v = eps - x_0 from (x_t, t) with t a float in [0, 1]; see
+    `flow` for the loss and the ODE samplers. Value-hashable, so it can be a static jit argument.
+
+    Attributes:
+      t_sampling: training distribution of t: "uniform" on [0, 1], or "logit_normal"
+        (t = sigmoid(logit_mean + logit_std * z), z ~ N(0, 1); SD3, Esser et al. 2024), which
+        spends more of the training on the middle of the path.
+      logit_mean, logit_std: parameters of "logit_normal" (SD3 uses 0 and 1).
+    """
+
+    t_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+def create_flow(
+    t_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0
+) -> Flow:
+    """The linear-interpolant flow process (SiT); see `Flow`."""
+    if t_sampling not in T_SAMPLINGS:
+        raise ValueError(f"unknown t_sampling {t_sampling!r}; expected one of {T_SAMPLINGS}")
+    if not logit_std > 0:
+        raise ValueError(f"logit_std must be positive, got {logit_std}")
+    return Flow(t_sampling=t_sampling, logit_mean=float(logit_mean), logit_std=float(logit_std))
+
+
+Process = Diffusion | Flow

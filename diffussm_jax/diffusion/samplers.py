@@ -1,4 +1,5 @@
-"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M), with classifier-free guidance.
+"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M) for the Gaussian process, Euler and Heun
+for the flow process, all with classifier-free guidance.
 
 Every sampler is one jitted program: the steps run in `lax.fori_loop`, the per-step constants are
 computed on the host from the (respaced) schedule before tracing, and the per-step noise comes from
@@ -26,11 +27,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffussm_jax.diffusion import gaussian
-from diffussm_jax.diffusion.process import Diffusion, respace
+from diffussm_jax.diffusion import flow, gaussian
+from diffussm_jax.diffusion.process import Flow, Process, respace
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # the Gaussian process's; the flow's: flow.SAMPLERS
+
+
+def samplers_for(diffusion: Process) -> tuple[str, ...]:
+    """The sampler names that can sample `diffusion`."""
+    return flow.SAMPLERS if isinstance(diffusion, Flow) else SAMPLERS
+
+
+def check_sampler(diffusion: Process, sampler: str) -> None:
+    """Raises ValueError naming the valid samplers when `sampler` cannot sample `diffusion`."""
+    valid = samplers_for(diffusion)
+    if sampler in valid:
+        return
+    kind = "flow" if isinstance(diffusion, Flow) else "Gaussian"
+    other = SAMPLERS if isinstance(diffusion, Flow) else flow.SAMPLERS
+    hint = f" ({sampler!r} samples the other process)" if sampler in other else ""
+    raise ValueError(
+        f"unknown sampler {sampler!r} for the {kind} process{hint}; expected one of {valid}"
+    )
 
 
 def guided_model_fn(
@@ -45,7 +64,9 @@ def guided_model_fn(
     The wrapped model is called once on the doubled batch [x, x] with labels [y, null_label] and
     returns, for the B conditional examples,
         eps = eps_uncond + cfg_scale * (eps_cond - eps_uncond)
-    on the guided channels; every other output channel (the learned-variance channels, and eps
+    on the guided channels (eps here is the mean prediction: eps, v or x_0 of the Gaussian
+    process, each an affine function of eps at fixed x_t, so guiding it is guiding eps; or the
+    flow's velocity); every other output channel (the learned-variance channels, and eps
     channels beyond `guidance_channels`) is taken from the conditional half, as DiT does. Scale 1
     gives the conditional model, scale 0 the unconditional eps.
 
@@ -128,8 +149,8 @@ def _ddim_loop(chain, call_model, x, loop_key, constrain, clip_denoised, eta):
     def body(step, x):
         index = num_steps - 1 - step
         t = jnp.full((x.shape[0],), index, dtype=jnp.int32)
-        eps = call_model(x, index)[..., :channels].astype(x.dtype)
-        x0 = gaussian.predict_xstart_from_eps(chain, x, t, eps)
+        eps, x0 = gaussian.eps_and_xstart(chain, call_model(x, index)[..., :channels], x, t)
+        eps, x0 = eps.astype(x.dtype), x0.astype(x.dtype)
         if clip_denoised:
             x0 = jnp.clip(x0, -1.0, 1.0)
             # Re-derive eps so the deterministic part of the step points at the clipped x_0.
@@ -201,8 +222,8 @@ def _dpm_solver_2m_loop(chain, call_model, x, constrain, clip_denoised):
         x, previous_x0 = carry
         index = num_steps - 1 - step
         t = jnp.full((x.shape[0],), index, dtype=jnp.int32)
-        eps = call_model(x, index)[..., :channels].astype(x.dtype)
-        x0 = gaussian.predict_xstart_from_eps(chain, x, t, eps)
+        _, x0 = gaussian.eps_and_xstart(chain, call_model(x, index)[..., :channels], x, t)
+        x0 = x0.astype(x.dtype)
         if clip_denoised:
             x0 = jnp.clip(x0, -1.0, 1.0)
         d = (
@@ -218,7 +239,7 @@ def _dpm_solver_2m_loop(chain, call_model, x, constrain, clip_denoised):
 
 def sample(
     model_fn: ModelFn,
-    diffusion: Diffusion,
+    diffusion: Process,
     shape: tuple[int, ...],
     rng: jax.Array,
     *,
@@ -235,22 +256,30 @@ def sample(
     """Draws samples from the reverse process of `diffusion` driven by `model_fn`.
 
     Args:
-      model_fn: (x (B, H, W, C), t (B,) int32 on the original T-step scale, y (B,) or None) ->
-        (B, H, W, C), or (B, H, W, 2C) when `diffusion.learn_sigma`. With cfg it is called once
-        per step on the doubled batch (2B) whose second half has y = null_label.
-      diffusion: from `create`; the model's training chain, possibly already respaced.
+      model_fn: Gaussian process: (x (B, H, W, C), t (B,) int32 on the original T-step scale,
+        y (B,) or None) -> (B, H, W, C) mean prediction, or (B, H, W, 2C) when
+        `diffusion.learn_sigma`. Flow process: t (B,) float32 in [0, 1] -> velocity
+        (B, H, W, C). With cfg it is called once per model evaluation on the doubled batch (2B)
+        whose second half has y = null_label.
+      diffusion: from `create` (the model's training chain, possibly already respaced) or from
+        `create_flow`.
       shape: (B, H, W, C) of the samples.
       rng: PRNG key; the samples are a deterministic function of it.
-      sampler: "ddpm" (ancestral, uses the learned variance), "ddim" (eta = 0 deterministic) or
-        "dpm++2m" (DPM-Solver++(2M), deterministic, good at 20-50 steps).
-      steps: respace `diffusion` to this many steps (`spacing_for`); a respacing string
+      sampler: Gaussian: "ddpm" (ancestral, uses the learned variance), "ddim" (eta = 0
+        deterministic) or "dpm++2m" (DPM-Solver++(2M), deterministic, good at 20-50 steps).
+        Flow: "euler" (one model call a step) or "heun" (second order, two calls a step); both
+        integrate the ODE from t = 1 to t = 0 on an evenly spaced grid.
+      steps: Gaussian: respace `diffusion` to this many steps (`spacing_for`); a respacing string
         ("250", "ddim50", "10,15,20") is used as given; None samples `diffusion` as it is.
+        Flow: the number of ODE steps, an int (required).
       cfg_scale: None for no guidance, else the classifier-free guidance scale (needs `labels` and
         `null_label`); may be a traced scalar.
       labels: (B,) int class labels, or None for an unconditional model.
       null_label: label index of the unconditional embedding (num_classes).
       guidance_channels: see `guided_model_fn`; 3 reproduces DiT's sampler.
-      clip_denoised: clip each x_0 estimate to [-1, 1]; False for latents.
+      clip_denoised: clip each x_0 estimate to [-1, 1]; False for latents. Gaussian only: the
+        flow samplers step with the velocity, whose x_0 estimate x - t v is not amplified
+        near the noise end, and refuse True rather than ignore it.
       eta: DDIM noise scale (0 deterministic, 1 ancestral-like); ignored by other samplers.
       sharding: optional sharding of the (B, H, W, C) state, e.g.
         NamedSharding(mesh, P("data")); the state and per-step noise are constrained to it so
@@ -259,9 +288,21 @@ def sample(
     Returns:
       (B, H, W, C) float32 samples.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    chain = diffusion if steps is None else respace(diffusion, spacing_for(sampler, steps))
+    check_sampler(diffusion, sampler)
+    is_flow = isinstance(diffusion, Flow)
+    if is_flow:
+        if isinstance(steps, str) or steps is None:
+            raise ValueError(
+                f"the flow process samples with a number of ODE steps; got steps={steps!r}"
+            )
+        if clip_denoised:
+            raise ValueError(
+                "clip_denoised=True: the flow samplers do not clip x_0 (their x_0 estimate "
+                "x - t v is not amplified near the noise); pass clip_denoised=False"
+            )
+        times = flow.time_grid(steps)
+    else:
+        chain = diffusion if steps is None else respace(diffusion, spacing_for(sampler, steps))
     if cfg_scale is not None and (labels is None or null_label is None):
         raise ValueError("cfg_scale needs labels and null_label")
     shape = tuple(shape)
@@ -280,14 +321,22 @@ def sample(
             guided = guided_model_fn(
                 model_fn, cfg_scale, null_label, guidance_channels=guidance_channels
             )
+        init_key, loop_key = jax.random.split(rng)
+        x = constrain(jax.random.normal(init_key, shape, jnp.float32))
+        if is_flow:
+
+            def call_velocity(x: jax.Array, t: jax.Array) -> jax.Array:
+                return guided(x, jnp.full((shape[0],), t, dtype=jnp.float32), labels)
+
+            loop = flow.euler_loop if sampler == "euler" else flow.heun_loop
+            return loop(call_velocity, x, times, constrain)
+
         timestep_map = jnp.asarray(chain.timestep_map, dtype=jnp.int32)
 
         def call_model(x: jax.Array, index: jax.Array) -> jax.Array:
             t = jnp.full((shape[0],), timestep_map[index], dtype=jnp.int32)
             return guided(x, t, labels)
 
-        init_key, loop_key = jax.random.split(rng)
-        x = constrain(jax.random.normal(init_key, shape, jnp.float32))
         if sampler == "ddpm":
             return _ddpm_loop(chain, call_model, x, loop_key, constrain, clip_denoised)
         if sampler == "ddim":

@@ -161,6 +161,7 @@ class DiffuSSM(nn.Module):
     class_dropout_prob: float = 0.1
     label_init_std: float = 0.02  # DiT's; 1.0 learns the class far sooner (docs/quickstart.md)
     timestep_init_std: float = 0.02
+    timestep_scale: float = 1.0  # 1000 for flow's t in [0, 1]; see layers.Conditioning
     state_size: int = 64
     ssm_init: ssm.InitName = "lin"
     dt_min: float = 0.001
@@ -226,6 +227,7 @@ class DiffuSSM(nn.Module):
             self.class_dropout_prob,
             label_init_std=self.label_init_std,
             timestep_init_std=self.timestep_init_std,
+            timestep_scale=self.timestep_scale,
             name="conditioning",
             **kw,
         )(t, y, train)

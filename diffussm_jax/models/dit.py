@@ -173,6 +173,7 @@ class DiT(nn.Module):
     class_dropout_prob: float = 0.1
     label_init_std: float = 0.02  # DiT's; 1.0 learns the class far sooner (docs/quickstart.md)
     timestep_init_std: float = 0.02
+    timestep_scale: float = 1.0  # 1000 for flow's t in [0, 1]; see layers.Conditioning
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
@@ -246,6 +247,7 @@ class DiT(nn.Module):
             self.class_dropout_prob,
             label_init_std=self.label_init_std,
             timestep_init_std=self.timestep_init_std,
+            timestep_scale=self.timestep_scale,
             name="conditioning",
             **kw,
         )(t, y, train)  # (B, D)

@@ -163,12 +163,16 @@ class LabelEmbedder(nn.Module):
 
 
 class Conditioning(nn.Module):
-    """c = TimestepEmbedder(t) + LabelEmbedder(y); unconditional (num_classes=0): t only.
+    """c = TimestepEmbedder(timestep_scale * t) + LabelEmbedder(y); unconditional: t only.
 
     `label_init_std` and `timestep_init_std` set the scale of c at initialisation. DiT's 0.02
     makes c small, and Adam grows a parameter by about one learning rate per step, so the class
     signal needs on the order of (unit scale) / lr steps before it can steer the output: nothing
     over a 400K-step ImageNet run, most of a 15-minute CPU run (docs/quickstart.md measures it).
+
+    `timestep_scale` maps the process's time onto the embedding's range: 1 for the Gaussian
+    process's integer steps 0..T-1, 1000 for flow times in [0, 1], so that both span the same
+    sinusoid frequencies (periods 1 to 10000 steps) and the same init serves both.
     """
 
     num_classes: int
@@ -176,12 +180,15 @@ class Conditioning(nn.Module):
     class_dropout_prob: float = 0.1
     label_init_std: float = 0.02
     timestep_init_std: float = 0.02
+    timestep_scale: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, t: jax.Array, y: jax.Array | None, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.timestep_scale != 1.0:  # static: the Gaussian path stays bit-identical
+            t = t.astype(jnp.float32) * self.timestep_scale
         c = TimestepEmbedder(
             self.hidden_size, init_std=self.timestep_init_std, name="t_embedder", **kw
         )(t)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train_state, trainer
 
 
@@ -67,9 +68,12 @@ def sample_to_npz(
     workdir = os.path.abspath(workdir)
     config = load_config(workdir)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    decoder = sampling.latent_decoder(config, vae_path)  # before the slow restore: fail fast
-    model, params, step = restore_ema_params(workdir, config, mesh)
+    # Before the slow restore: fail fast on a missing VAE or a sampler the process lacks.
+    decoder = sampling.latent_decoder(config, vae_path)
+    diffusion = trainer.create_diffusion(config)
     sampler = sampler or config.sampling.sampler
+    diffusion_lib.check_sampler(diffusion, sampler)
+    model, params, step = restore_ema_params(workdir, config, mesh)
     steps = steps or config.sampling.steps
     cfg_scale = config.sampling.cfg_scale if cfg_scale is None else cfg_scale
     num_classes = config.data.num_classes
@@ -86,7 +90,7 @@ def sample_to_npz(
 
     sample_fn = sampling.make_sample_fn(
         model,
-        trainer.create_diffusion(config),
+        diffusion,
         mesh,
         sampler=sampler,
         steps=steps,
@@ -114,6 +118,7 @@ def sample_to_npz(
         meta = dict(
             model=config.model,
             step=step,
+            process=train_state.process_name(config),
             sampler=sampler,
             steps=steps,
             cfg_scale=cfg_scale,

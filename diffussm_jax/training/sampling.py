@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax import vae as vae_lib
-from diffussm_jax.training import sharding
+from diffussm_jax.training import sharding, train_state
 
 
 class LatentDecoder:
@@ -107,17 +107,28 @@ def latent_decoder(
 def clip_denoised_for(config: ml_collections.ConfigDict) -> bool:
     """Whether samplers clip their x_0 estimates to [-1, 1]: `config.sampling.clip_denoised`.
 
-    Unset, pixel-space data (uint8 images mapped to [-1, 1]) clips and latents do not. Without
-    the clip, a pixel model's early eps errors, multiplied by up to 1/sqrt(alpha_bar) = 156 at
-    t = T-1, push deterministic samplers far outside the data range (docs/quickstart.md).
+    Gaussian process: unset, pixel-space data (uint8 images mapped to [-1, 1]) clips and latents
+    do not. Without the clip, a pixel model's early eps errors, multiplied by up to
+    1/sqrt(alpha_bar) = 156 at t = T-1, push deterministic samplers far outside the data range
+    (docs/quickstart.md).
+
+    Flow process: never. Its samplers step with the velocity, and its x_0 estimate x - t v carries
+    no such amplification; unset gives False, and True is an error rather than ignored.
     """
     clip = config.sampling.get("clip_denoised")
+    if train_state.process_name(config) == "flow":
+        if clip:
+            raise ValueError(
+                "config.sampling.clip_denoised=True: the flow samplers do not clip x_0; unset it "
+                "(or set it to False) for config.diffusion.process='flow'."
+            )
+        return False
     return (not config.data.latent_scale) if clip is None else bool(clip)
 
 
 def make_sample_fn(
     model: nn.Module,
-    diffusion: diffusion_lib.Diffusion,
+    diffusion: diffusion_lib.Process,
     mesh: Mesh,
     *,
     sampler: str,
@@ -136,7 +147,12 @@ def make_sample_fn(
     through `decoder` (a numpy result of the decoded image shape).
     B must be a multiple of the device count (see `pad_to_devices`). Unconditional models
     ignore `labels` and never use guidance.
+
+    Raises:
+      ValueError: `sampler` cannot sample `diffusion` (the message lists the valid ones), here
+        rather than at the first call.
     """
+    diffusion_lib.check_sampler(diffusion, sampler)
     conditional = model.num_classes > 0
     shape_tail = (model.input_size, model.input_size, model.in_channels)
     batch_sharding = sharding.batch_sharding(mesh)

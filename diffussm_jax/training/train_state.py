@@ -28,11 +28,25 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data; per-step keys are fold_in(rng, step)
 
 
+# The flow process hands the network t in [0, 1]; its timestep embedding sees 1000 t, the range of
+# the Gaussian process's steps 0..999 (models.layers.Conditioning).
+FLOW_TIMESTEP_SCALE = 1000.0
+
+
+def process_name(config: ml_collections.ConfigDict) -> str:
+    """`config.diffusion.process`; runs saved before the field existed are "gaussian"."""
+    return config.diffusion.get("process", "gaussian")
+
+
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The registry model named by `config.model`, with the config's overrides and precision."""
+    """The registry model named by `config.model`, with the config's overrides and precision.
+
+    Its `timestep_scale` follows `config.diffusion.process` (1, or `FLOW_TIMESTEP_SCALE` for flow).
+    """
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
     overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
+    flow = process_name(config) == "flow"
     return models.create(
         config.model,
         input_size=config.data.image_size,
@@ -42,6 +56,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         dtype=DTYPES[config.dtype],
         remat=config.remat,
         scan_layers=config.scan_layers,
+        timestep_scale=FLOW_TIMESTEP_SCALE if flow else 1.0,
         **overrides,
     )
 

@@ -79,8 +79,10 @@ def _loss_and_grads(params, model, diffusion, batch: Batch):
         return terms["loss"].mean(), terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    # Gaussian t are steps in [0, N); flow t are times in [0, 1].
+    t_range = 1.0 if isinstance(diffusion, diffusion_lib.Flow) else diffusion.num_timesteps
     buckets = diffusion_lib.timestep_bucket_losses(
-        terms["loss"], batch["t"], diffusion.num_timesteps, NUM_LOSS_BUCKETS
+        terms["loss"], batch["t"], t_range, NUM_LOSS_BUCKETS
     )
     stats = {
         "loss": loss,
@@ -97,7 +99,7 @@ def train_step(
     batch: Batch,
     *,
     model: nn.Module,
-    diffusion: diffusion_lib.Diffusion,
+    diffusion: diffusion_lib.Process,
     tx: optax.GradientTransformation,
     ema_decay: float,
     ema_warmup: bool = False,

@@ -8,6 +8,7 @@ metrics, checkpoints and EMA sample grids; on SIGTERM (preemption) saves and ret
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -58,13 +59,92 @@ def check_workdir(workdir: str) -> str:
     return workdir
 
 
-def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Diffusion:
+PROCESSES = ("gaussian", "flow")
+
+# Fields added with the flow process and the prediction options, and their values in runs saved
+# before they existed (the paper's recipe); for "process" see `train_state.process_name`.
+_DIFFUSION_DEFAULTS = {
+    "prediction": "eps",
+    "loss_weighting": "none",
+    "min_snr_gamma": 5.0,
+    "t_sampling": "uniform",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+}
+
+
+def _diffusion_setting(config: ml_collections.ConfigDict, name: str):
+    return config.diffusion.get(name, _DIFFUSION_DEFAULTS[name])
+
+
+def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process:
+    """The process `config.diffusion` describes: Gaussian (`diffusion.create`) or flow.
+
+    Raises:
+      ValueError: an unknown process, or settings that do not fit it, listing every override
+        that would fix the config.
+    """
+    process = train_state.process_name(config)
+    setting = functools.partial(_diffusion_setting, config)
+    if process not in PROCESSES:
+        raise ValueError(
+            f"config.diffusion.process={process!r}; choose one of {PROCESSES} (docs/objectives.md)."
+        )
+    if process == "flow":
+        # The flow network predicts the velocity with C output channels: nothing of the
+        # Gaussian process's variance, prediction or weighting options applies.
+        fixes = []
+        if config.learn_sigma:
+            fixes.append("--config.learn_sigma=False (there is no variance to learn)")
+        if config.diffusion.loss != "mse":
+            fixes.append(f"--config.diffusion.loss=mse (not {config.diffusion.loss!r})")
+        if setting("prediction") != "eps":
+            fixes.append("--config.diffusion.prediction=eps (the default; flow predicts eps - x_0)")
+        if setting("loss_weighting") != "none":
+            fixes.append("--config.diffusion.loss_weighting=none (min-SNR is Gaussian only)")
+        if fixes:
+            raise ValueError(
+                "config.diffusion.process='flow' (the network predicts the velocity eps - x_0) "
+                f"needs {'; '.join(fixes)}."
+            )
+        return diffusion_lib.create_flow(
+            t_sampling=setting("t_sampling"),
+            logit_mean=setting("logit_mean"),
+            logit_std=setting("logit_std"),
+        )
+    if setting("t_sampling") != "uniform":
+        raise ValueError(
+            f"config.diffusion.t_sampling={setting('t_sampling')!r} draws flow times; the "
+            "Gaussian process draws its integer steps uniformly. Set "
+            "--config.diffusion.process=flow, or --config.diffusion.t_sampling=uniform."
+        )
     return diffusion_lib.create(
         num_timesteps=config.diffusion.num_timesteps,
         schedule=config.diffusion.schedule,
         learn_sigma=config.learn_sigma,
         loss=config.diffusion.loss,
+        prediction=setting("prediction"),
+        loss_weighting=setting("loss_weighting"),
+        min_snr_gamma=setting("min_snr_gamma"),
     )
+
+
+def check_samplers(config: ml_collections.ConfigDict, diffusion: diffusion_lib.Process) -> None:
+    """Fails at start, not at the first sample grid, when a configured sampler cannot sample
+    `diffusion` (`config.sampling.sampler`, and `config.eval.sampler` when set).
+    """
+    fields = {"sampling.sampler": config.sampling.sampler}
+    eval_config = config.get("eval")
+    if eval_config is not None and eval_config.sampler:
+        fields["eval.sampler"] = eval_config.sampler
+    valid = diffusion_lib.samplers_for(diffusion)
+    for field, sampler in fields.items():
+        if sampler not in valid:
+            raise ValueError(
+                f"config.{field}={sampler!r} cannot sample config.diffusion.process="
+                f"{train_state.process_name(config)!r}; set --config.{field} to one of "
+                f"{valid}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +152,7 @@ class Experiment:
     """What a config builds for training: the model, its diffusion, optimizer, state and step."""
 
     model: Any
-    diffusion: diffusion_lib.Diffusion
+    diffusion: diffusion_lib.Process
     tx: Any
     mesh: jax.sharding.Mesh
     state: train_state.TrainState
@@ -188,6 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
     model = train_state.build_model(config)
     diffusion = create_diffusion(config)
+    check_samplers(config, diffusion)
     tx = train_state.create_optimizer(config)
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, owner=True)
     data_iterator = create_data_iterator(config)
