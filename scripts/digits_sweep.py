@@ -43,13 +43,16 @@ class Variant:
     unet: bool = False  # scripts/reference_unet.py instead of the config's backbone
 
 
-# The recipe before docs/quickstart.md's diagnosis, at the new default's size: DiT's conditioning
-# init, no positions, no x_0 clipping, EMA without warmup.
+# The recipe before docs/quickstart.md's diagnosis, at the new default's size and batch: DiT's
+# conditioning init, no positions, no x_0 clipping, EMA without warmup, learned variance with
+# the hybrid loss.
 _OLD = {
     "model_overrides.label_init_std": 0.02,
     "model_overrides.pos_embed": "none",
     "sampling.clip_denoised": False,
     "ema_warmup": False,
+    "learn_sigma": True,
+    "diffusion.loss": "hybrid",
 }
 
 VARIANTS = {
@@ -62,20 +65,49 @@ VARIANTS = {
         "old + unit label table + sin-cos positions",
         {**_OLD, "model_overrides.label_init_std": 1.0, "model_overrides.pos_embed": "sincos"},
     ),
+    "label_002": Variant(
+        "quickstart, DiT's label init (0.02)", {"model_overrides.label_init_std": 0.02}
+    ),
     "no_pos": Variant("quickstart without positions", {"model_overrides.pos_embed": "none"}),
     "learned_pos": Variant(
         "quickstart, learned positions", {"model_overrides.pos_embed": "learned"}
     ),
+    "ema_no_warmup": Variant("quickstart, EMA 0.995 without warmup", {"ema_warmup": False}),
     "t_unit": Variant("quickstart + t-MLP init 0.1", {"model_overrides.timestep_init_std": 0.1}),
     "cosine": Variant("quickstart, cosine schedule", {"diffusion.schedule": "cosine"}),
     "hybrid": Variant(
         "quickstart, learned sigma + hybrid loss", {"learn_sigma": True, "diffusion.loss": "hybrid"}
     ),
+    "v": Variant("quickstart, v prediction", {"diffusion.prediction": "v"}),
+    "min_snr": Variant("quickstart, min-SNR-5 weighting", {"diffusion.loss_weighting": "min_snr"}),
+    "v_min_snr": Variant(
+        "quickstart, v prediction + min-SNR-5",
+        {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr"},
+    ),
+    "flow": Variant(
+        "quickstart, flow matching (logit-normal t), Heun 25",
+        {
+            "diffusion.process": "flow",
+            "diffusion.t_sampling": "logit_normal",
+            "sampling.sampler": "heun",
+            "sampling.steps": 25,
+        },
+    ),
     "d128": Variant("quickstart at width 128", {"model_overrides.hidden_size": 128}),
     "dit": Variant("DiT, 2x2 patches (64 tokens), quickstart recipe", config_arg="model=DiT-S/2"),
+    "dit_d128": Variant(
+        "DiT, 2x2 patches, width 128: about the quickstart's cost per image",
+        {"model_overrides.hidden_size": 128},
+        config_arg="model=DiT-S/2",
+    ),
     "dit_old": Variant(
         "DiT, 2x2 patches, old recipe",
         {k: v for k, v in _OLD.items() if "pos_embed" not in k},
+        config_arg="model=DiT-S/2",
+    ),
+    "dit_label_002": Variant(
+        "DiT, 2x2 patches, DiT's label init (0.02)",
+        {"model_overrides.label_init_std": 0.02},
         config_arg="model=DiT-S/2",
     ),
     "unet": Variant("reference UNet, quickstart recipe", unet=True),
