@@ -29,9 +29,12 @@ setuptools.setup(
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "scipy",  # matrix square root for Frechet distances
         "safetensors",  # VAE and Inception weights without pickle
+        "matplotlib",  # plots of a run's metrics (training.plots, launch.plot)
+        "tqdm",  # progress bars on a terminal
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "ruff"],
+        # nbclient + ipykernel + nbformat: tests/test_notebook.py runs notebooks/quickstart.ipynb.
+        "test": ["pytest", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel"],
         # Reference checks against the PyTorch implementations we port: diffusers' AutoencoderKL
         # and pytorch-fid's InceptionV3. pytorch-fid needs torchvision, which does not import
         # beside torch 2.13.0, so the pair that installs together from this machine's disk is

@@ -663,6 +663,18 @@ class BidirectionalSSMModule(nn.Module):
         )
         return y.astype(u.dtype)
 
+    def kernels(self, length: int) -> tuple[jax.Array, jax.Array]:
+        """The two halves' kernels, (H, L) each, for looking at what a layer sees.
+
+        Channel h's causal half is y[l] = sum_j forward[h, j] u[l - j] + D u[l], its
+        anti-causal half y'[l] = sum_j backward[h, j] u[l + j] + D' u[l]: forward[:, j] weighs
+        the input j positions before, backward[:, j] the input j positions after.
+
+            fwd, bwd = layer.apply(variables, 256, method="kernels")
+        """
+        forward, backward = self.forward.ssm_params(), self.backward.ssm_params()
+        return s4d_kernel(*forward[:3], length), s4d_kernel(*backward[:3], length)
+
 
 def S4D(
     features: int,

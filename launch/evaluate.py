@@ -8,14 +8,17 @@ python -m launch.evaluate --workdir=runs/quickstart --num_samples=200 --labels=b
 Resumable: rerun the same command after an interruption and finished batches are kept.
 Multi-process: run the same command on every host, as launch.train (launch/multiprocess.py).
 See docs/evaluation.md for the protocol and for running ADM's evaluator on the .npz.
+
+The console (stderr) shows progress and a closing summary with the scores; stdout gets the
+result as JSON (also written to <output_dir>/<name>.json), for `> scores.json`.
 """
 
 import json
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from diffussm_jax.training import evaluate_workdir
-from launch import multiprocess
+from launch import console, multiprocess
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
@@ -43,6 +46,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup()
     multiprocess.initialize()
     result = evaluate_workdir.evaluate(
         FLAGS.workdir,
@@ -60,6 +64,8 @@ def main(argv):
         inception_preprocessing=FLAGS.inception_preprocessing,
         output_dir=FLAGS.output_dir,
     )
+    for line in evaluate_workdir.summary_lines(result):
+        logging.info("%s", line)
     print(json.dumps(result, indent=2))
 
 

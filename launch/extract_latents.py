@@ -17,7 +17,7 @@ downloads and measured times.
 from absl import app, flags
 
 from diffussm_jax.data import latents
-from launch import multiprocess
+from launch import console, multiprocess
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -41,6 +41,7 @@ flags.mark_flags_as_required(["source", "vae"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup()
     multiprocess.initialize()
     result = latents.extract_latents(
         source=FLAGS.source,

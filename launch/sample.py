@@ -9,6 +9,7 @@
 from absl import app, flags
 
 from diffussm_jax.training import sample_workdir
+from launch import console
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
@@ -33,6 +34,7 @@ flags.mark_flags_as_required(["workdir", "output"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup()
     paths = sample_workdir.sample_to_npz(
         FLAGS.workdir,
         FLAGS.output,
@@ -46,6 +48,11 @@ def main(argv):
         vae_path=FLAGS.vae,
     )
     print(f"samples: {paths['npz']}\ngrid:    {paths['png']}")
+    if "digits_accuracy" in paths:
+        print(
+            f"digits:  {paths['digits_accuracy']:.1%} of {FLAGS.num_samples} classified as the "
+            "requested digit"
+        )
 
 
 if __name__ == "__main__":

@@ -11,15 +11,18 @@ coordinator explicitly to every process (docs/pod.md has full recipes):
     python -m launch.train ... --coordinator_address=host0:12345 --num_processes=2 --process_id=0
     python -m launch.train ... --coordinator_address=host0:12345 --num_processes=2 --process_id=1
 
+The console shows the run's config in five lines (all of it is in <workdir>/config.json),
+progress (a bar on a terminal, else a line every --progress_every_secs) and a closing summary;
+--library_logs brings back other libraries' INFO logs. Plots: <workdir>/plots/training.png.
+
 Config files are Python and are executed: only pass config files you trust.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from diffussm_jax import training
-from diffussm_jax.training import distributed, sharding
-from launch import multiprocess
+from launch import console, multiprocess
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
@@ -30,11 +33,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    console.setup()
     multiprocess.initialize()
-    config = FLAGS.config
-    distributed.log_topology(sharding.create_mesh(config.mesh.data, config.mesh.fsdp))
-    logging.info("Config:\n%s", config)
-    training.train_and_evaluate(config, FLAGS.workdir)
+    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
-.venv/bin/python -m pip install -q -e ".[test,reference]" -c requirements/constraints.txt
+pip_install -e ".[test,reference]" -c requirements/constraints.txt
 exec .venv/bin/python -m pytest -n 2 -q "$@"

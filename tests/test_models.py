@@ -76,6 +76,21 @@ def test_names_and_errors():
         models.create("DiffuSSM-S", input_size=32, in_channels=4, num_classes=10, hidden=8)
 
 
+def test_parameter_table_counts_every_parameter_once():
+    params = models.abstract_params(tiny("DiffuSSM-S", scan_layers=False))
+    table = models.parameter_table(params).splitlines()
+    rows = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in table[1:]}
+    assert {"blocks_0", "blocks_1", "conditioning", "x_embedder", "final_layer"} <= set(rows)
+    assert rows.pop("total") == sum(rows.values()) == models.count_params(params)
+    assert rows["blocks_0"] == models.count_params(params["blocks_0"])
+    # One level further down: the block's modules, the SSM's two halves with their shapes.
+    inner = models.parameter_table(params["blocks_0"], depth=2)
+    (forward,) = [line for line in inner.splitlines() if line.startswith("ssm/forward ")]
+    assert "log_dt 32" in forward and "c 32x4x2" in forward
+    with pytest.raises(ValueError, match="no parameters"):
+        models.parameter_table({})
+
+
 def test_hourglass_and_input_errors_name_the_fix():
     model = tiny("DiffuSSM-S", input_size=15)
     with pytest.raises(ValueError, match="not divisible by hourglass_ratio 2"):

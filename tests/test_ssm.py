@@ -162,6 +162,30 @@ def test_backward_half_is_flipped_forward_of_flipped_input(bidirectional):
     np.testing.assert_allclose(apply(variables, u)[..., 6:], jnp.flip(backward, 1), atol=1e-5)
 
 
+def test_kernels_are_the_layers_impulse_response(bidirectional):
+    """`kernels` (what the notebook plots) is the layer: an impulse at p comes out as
+    forward[:, l - p] after p and backward[:, p - l] before it (plus D at p itself)."""
+    layer, variables, apply = bidirectional
+    forward, backward = layer.apply(variables, 50, method="kernels")
+    chex.assert_shape([forward, backward], (6, 50))
+    params = nn.meta.unbox(variables)["params"]
+    position = 20
+    impulse = np.zeros((1, 50, 6), np.float32)
+    impulse[0, position] = 1.0
+    response = np.asarray(apply(variables, jnp.asarray(impulse)))[0]  # (50, 12)
+    expected_forward = np.zeros((50, 6), np.float32)
+    expected_forward[position:] = np.asarray(forward[:, : 50 - position]).T
+    expected_forward[position] += np.asarray(params["forward"]["d"])
+    expected_backward = np.zeros((50, 6), np.float32)
+    expected_backward[: position + 1] = np.asarray(backward[:, position::-1]).T
+    expected_backward[position] += np.asarray(params["backward"]["d"])
+    scale = np.abs(response).max()
+    np.testing.assert_allclose(response[:, :6], expected_forward, atol=1e-5 * scale)
+    np.testing.assert_allclose(response[:, 6:], expected_backward, atol=1e-5 * scale)
+    # The halves differ (independent parameters), so a swap would be caught.
+    assert np.abs(np.asarray(forward) - np.asarray(backward)).max() > 0.1 * scale
+
+
 def test_any_length_and_bfloat16(bidirectional):
     _, variables, apply = bidirectional
     rng = np.random.default_rng(3)

@@ -309,6 +309,27 @@ def test_ssm_dynamics_have_their_own_optimizer_group():
     assert not np.array_equal(ssm_before["c"], ssm_after["c"])  # C is an ordinary weight
 
 
+def test_logged_learning_rate_is_the_one_the_optimizer_applied():
+    config = smoke_config(warmup_steps=4, learning_rate=0.01)
+    tx = train_state.create_optimizer(config)
+    params = {"w": jnp.ones(3)}
+    opt_state = tx.init(params)
+    for update_index in range(6):
+        # Constant gradients: Adam's bias-corrected step is lr * sign(gradient), up to float32
+        # rounding of the bias corrections.
+        updates, opt_state = tx.update({"w": jnp.full(3, 0.5)}, opt_state, params)
+        logged = trainer.learning_rates_logged(config, update_index + 1)  # at the step after
+        assert logged == {"learning_rate": pytest.approx(-float(updates["w"][0]), rel=1e-4)}
+    halfway = train_state.learning_rate_at(config, 2)
+    assert halfway == {"default": pytest.approx(0.005), "ssm": pytest.approx(0.005)}
+    with config.unlocked():
+        config.ssm_learning_rate = 0.001
+    assert trainer.learning_rates_logged(config, 100) == {
+        "learning_rate": pytest.approx(0.01),
+        "ssm_learning_rate": pytest.approx(0.001),
+    }
+
+
 def test_batch_and_mesh_errors_name_both_numbers():
     mesh = sharding.create_mesh(2, 4)
     with pytest.raises(ValueError, match="global_batch_size 12 is not divisible by the 8"):
@@ -377,6 +398,23 @@ def test_launchers_train_then_sample(tmp_path):
     assert scores["step"] == 20 and 0 <= scores["eval/digits_accuracy"] <= 1
     assert np.isfinite(scores["eval/digits_frechet_distance"])
     assert list((workdir / "tb").iterdir())
+    assert [r["learning_rate"] for r in records if "loss" in r] == [0.002, 0.002]
+    (grid,) = [r for r in records if "eval/grid_digits_accuracy" in r]
+    assert grid["step"] == 20 and 0 <= grid["eval/grid_digits_accuracy"] <= 1
+    assert (workdir / "plots" / "training.png").is_file()
+    # The console: this project's lines only (no orbax internals, no config dump), a progress
+    # line per logging window here, and a closing summary with the grid's digit accuracy.
+    console = result.stderr.splitlines()
+    assert len(console) <= 20, result.stderr
+    assert "CheckpointManager" not in result.stderr and "adam_b1" not in result.stderr
+    assert any(" step 20/20 (100%)  loss " in line for line in console)
+    assert any("Done: step 20 of 20" in line for line in console)
+    assert any(line.endswith("plots/training.png") for line in console)
+    accuracy = f"{grid['eval/grid_digits_accuracy']:.1%} of 10 classified as the requested digit"
+    assert console[-1].endswith(f"samples/step_0000020.png: {accuracy}")
+    plotted = launch("launch.plot", f"--workdir={workdir}", timeout=120)
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    assert plotted.stdout.strip() == str(workdir / "plots" / "training.png")
 
     output = tmp_path / "samples.npz"
     result = launch(
@@ -386,12 +424,15 @@ def test_launchers_train_then_sample(tmp_path):
         f"--output={output}",
         "--steps=3",
         "--labels=3,7",
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(output, allow_pickle=False) as f:
         assert f["arr_0"].shape == (6, SIDE, SIDE, 1) and f["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(f["arr_1"], [3, 7, 3, 7, 3, 7])
     assert output.with_suffix(".png").is_file()
+    assert "classified as the requested digit" in result.stdout.splitlines()[-1]
+    assert "Given directory is read only" not in result.stderr
 
     result = subprocess.run(
         [
@@ -414,6 +455,9 @@ def test_launchers_train_then_sample(tmp_path):
     assert scores["num_samples"] == 20 and 0.0 <= scores["accuracy"] <= 1.0
     assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0
     assert os.path.isfile(scores["samples"]) and scores["steps"] == 3
+    assert json.loads(result.stdout) == scores  # stdout: the result as JSON, for `> file`
+    summary = [line for line in result.stderr.splitlines() if "classified as the requested" in line]
+    assert summary and f"{scores['accuracy']:.1%} classified" in summary[0]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

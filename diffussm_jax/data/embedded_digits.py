@@ -24,13 +24,18 @@ slicing syntax gives a disjoint held-out pair for evaluation classifiers:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import importlib.resources
+import io
+import logging
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 
 NAME = "embedded_digits"
 NUM_EXAMPLES = 5000
@@ -117,17 +122,48 @@ def prepare_embedded_digits(data_dir: str | os.PathLike | None = None) -> Embedd
     def open_builder() -> EmbeddedDigits:
         return EmbeddedDigits(data_dir=data_dir, file_format="array_record")
 
-    builder = open_builder()
-    if builder.is_prepared():
-        return builder
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, ".embedded_digits.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        builder = open_builder()  # another process may have finished while we waited
-        if not builder.is_prepared():
+    with _quiet_tfds():
+        builder = open_builder()
+        if builder.is_prepared():
+            return builder
+        os.makedirs(data_dir, exist_ok=True)
+        with open(os.path.join(data_dir, ".embedded_digits.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            builder = open_builder()  # another process may have finished while we waited
+            if builder.is_prepared():
+                return builder
+            start = time.perf_counter()
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(
                     download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
                 )
             )
+    absl_logging.info(
+        "Prepared the embedded digits in %s (%.1f s, once).",
+        builder.data_dir,
+        time.perf_counter() - start,
+    )
     return builder
+
+
+class _NotBuiltYet(logging.Filter):
+    """Drops tfds's warning that a version folder lacks its metadata: while the dataset is not
+    built, that is what its folder looks like."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Variant folder")
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Building takes a second: tfds's banners (printed), progress bars (stderr) and the
+    not-built-yet warning would be most of a first run's console, so they are held back.
+    Errors still propagate as exceptions."""
+    absl_logger = absl_logging.get_absl_logger()
+    quiet = _NotBuiltYet()
+    absl_logger.addFilter(quiet)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        absl_logger.removeFilter(quiet)

@@ -47,13 +47,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 from absl import logging
 from array_record.python import array_record_module
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
+from diffussm_jax import console
 from diffussm_jax import vae as vae_lib
 from diffussm_jax.data.embedded_digits import default_data_dir
 from diffussm_jax.data.input_pipeline import open_data_source
@@ -327,7 +327,8 @@ def extract_latents(
       max_shards: stop after writing this many shards in this call (the rest on a rerun).
       process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       reader_threads: threads that read and crop images while the devices encode.
-      progress: show a progress bar (images/s) on process 0.
+      progress: report progress (images/s, ETA) on process 0: a bar on a terminal, else a
+        line every `console.configure` interval.
 
     Returns:
       An `ExtractionResult`; `complete` is True once every shard and the metadata exist.
@@ -402,7 +403,9 @@ def extract_latents(
         return prepare_image(image, resolution), label, index
 
     total = sum(len(plan.images(shard)) for shard in todo)
-    bar = tqdm.tqdm(total=total, unit="img", disable=not (progress and process_index == 0))
+    reporter = console.Progress(
+        total, label="encoded", item_name="img", enabled=progress and process_index == 0
+    )
     start = time.perf_counter()
     done = 0
     with concurrent.futures.ThreadPoolExecutor(reader_threads) as pool:
@@ -428,11 +431,12 @@ def extract_latents(
                         if images_source.num_classes:
                             record["label"] = label
                         records.append(features.serialize_example(record))
-                bar.update(len(chunk))
+                reporter.advance(done + first + len(chunk))
             _write_records(path(shard), records)
             done += len(indices)
             elapsed = time.perf_counter() - start
-            logging.info(
+            reporter.report(done)
+            logging.debug(
                 "shard %d/%d: %d images in %.1fs; %d/%d images this run, %.3g images/s",
                 shard + 1,
                 plan.num_shards,
@@ -442,7 +446,7 @@ def extract_latents(
                 total,
                 done / elapsed,
             )
-    bar.close()
+    reporter.close()
     rate = done / max(time.perf_counter() - start, 1e-9)
 
     if process_count > 1 and jax.process_count() > 1:

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from diffussm_jax import ssm
 from diffussm_jax.models.diffussm import DiffuSSM, DiffuSSMBlock
@@ -114,6 +115,39 @@ def abstract_params(model: nn.Module) -> Any:
 
 def count_params(tree: Any) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def parameter_table(params: Any, depth: int = 1) -> str:
+    """A text table of parameter counts per module, `depth` levels down the tree, with shares.
+
+    `params`: a parameter tree (boxed or not, arrays or ShapeDtypeStructs). Stacked layers
+    (`scan_layers`) count all layers under one name, e.g. `blocks`.
+
+        print(models.parameter_table(variables["params"]))            # the model's parts
+        print(models.parameter_table(params["blocks_0"], depth=2))    # inside one block
+    """
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+    if not flat:
+        raise ValueError("parameter_table: the tree holds no parameters.")
+    counts: dict[str, int] = {}
+    shapes: dict[str, list[str]] = {}
+    for path, leaf in flat.items():
+        # The module path (the leaf's parents), cut at `depth`; a top-level leaf is its own row.
+        name = "/".join(path[:-1][:depth]) or path[-1]
+        counts[name] = counts.get(name, 0) + int(np.prod(leaf.shape))
+        shape = "x".join(map(str, leaf.shape)) or "scalar"
+        shapes.setdefault(name, []).append(f"{'/'.join(path[len(name.split('/')) :])} {shape}")
+    total = sum(counts.values())
+    width = max(len("total"), *(len(name) for name in counts))
+    lines = [f"{'module':<{width}}  {'parameters':>12}  {'share':>6}  shapes"]
+    for name, count in counts.items():
+        leaves = shapes[name]
+        # Shapes of a module's own few tensors; a larger subtree gets its tensor count only.
+        direct = len(leaves) <= 5 and not any("/" in leaf.split(" ")[0] for leaf in leaves)
+        shown = ", ".join(leaves) if direct else f"{len(leaves)} tensors"
+        lines.append(f"{name:<{width}}  {count:>12,}  {count / total:>6.1%}  {shown}")
+    lines.append(f"{'total':<{width}}  {total:>12,}  {1:>6.1%}")
+    return "\n".join(lines)
 
 
 def _forward_gmacs(fn, *args) -> float:

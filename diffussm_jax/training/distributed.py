@@ -155,7 +155,7 @@ def initialize(plan: InitPlan | None) -> None:
     Must run before anything touches a jax backend (jax.devices(), an array, a jit).
     """
     if plan is None:
-        logging.info("Single-process run (no jax.distributed coordinator).")
+        logging.debug("Single-process run (no jax.distributed coordinator).")
         return
     logging.info("Initialising jax.distributed (%s).", plan.reason)
     jax.distributed.initialize(**plan.kwargs())

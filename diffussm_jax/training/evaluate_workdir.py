@@ -35,11 +35,12 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffussm_jax import data, evaluation
+from diffussm_jax import console, data, evaluation
 from diffussm_jax.evaluation import inception as inception_lib
-from diffussm_jax.training import metrics, sample_workdir, sampling, sharding, trainer
+from diffussm_jax.training import metrics, sample_workdir, sampling, sharding, summary, trainer
 
 MANIFEST = "manifest.json"
+ADM_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +171,9 @@ def sample_shards(
     sample_fn = None
     key = jax.random.key(seed)
     paths, drawn = [], 0
+    progress = console.Progress(
+        num_samples, label="sampled", item_name="img", enabled=jax.process_index() == 0
+    )
     for index, start in enumerate(range(0, num_samples, batch_size)):
         batch_labels = all_labels[start : start + batch_size]
         path = os.path.join(shard_dir, f"batch_{index:06d}.npz")
@@ -196,10 +200,12 @@ def sample_shards(
             np.savez(path + ".tmp.npz", images=images, labels=batch_labels)
             os.replace(path + ".tmp.npz", path)
         drawn += 1
+        progress.report(start + len(batch_labels))
+    progress.close()
+    if drawn < len(paths):
         logging.info(
-            "sampled batch %d (%d/%d images)", index, start + len(batch_labels), num_samples
+            "%d of %d batches were already drawn, in %s", len(paths) - drawn, len(paths), shard_dir
         )
-    logging.info("%d of %d batches drawn now, the rest found in %s", drawn, len(paths), shard_dir)
     return settings, paths, all_labels
 
 
@@ -372,7 +378,6 @@ def evaluate(
     )
     config = sample_workdir.load_config(workdir)
     metrics.save_png(png_path, preview_grid(shard_paths, labels, config.data.num_classes))
-    logging.info("Wrote %s", npz_path)
 
     if config.data.name == data.EmbeddedDigits.name:
         images = np.concatenate(list(_iterate_shards(shard_paths)))
@@ -388,6 +393,36 @@ def evaluate(
         )
     elif config.data.name != data.EmbeddedDigits.name:
         logging.info("No Inception weights given: run ADM's evaluator on %s", npz_path)
-    with open(os.path.join(output_dir, name + ".json"), "w", encoding="utf-8") as f:
+    result["scores"] = os.path.join(output_dir, name + ".json")
+    column_per_class = labels == "balanced" and 0 < config.data.num_classes <= 20
+    result["grid_layout"] = "column k = class k" if column_per_class else "row by row"
+    with open(result["scores"], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The closing summary of `evaluate`'s result: what was drawn, where it is, the scores."""
+    guidance = "none" if result["cfg_scale"] in (None, 1.0) else f"{result['cfg_scale']:g}"
+    lines = [
+        f"Evaluated {result['model']} at step {result['step']}: {result['num_samples']} samples "
+        f"({result['sampler']}, {result['steps']} steps, guidance {guidance}, seed "
+        f"{result['seed']}, {result['labels']} labels)",
+        f"  samples  {summary.shown_path(result['samples'])}",
+    ]
+    grid = f"  grid     {summary.shown_path(result['grid'])}"
+    if "grid_layout" in result:
+        grid += f" ({result['grid_layout']})"
+    lines.append(grid)
+    if "scores" in result:
+        lines.append(f"  scores   {summary.shown_path(result['scores'])}")
+    if "accuracy" in result:
+        lines.append(
+            f"  digits   {result['accuracy']:.1%} classified as the requested digit (real "
+            f"digits at this size: {result['held_out_accuracy']:.1%}); Frechet distance "
+            f"{result['frechet_distance']:.1f} (real: {result['held_out_frechet_distance']:.1f})"
+        )
+    adm = [f"{name} {result[name]:.4g}" for name in ADM_METRICS if name in result]
+    if adm:
+        lines.append(f"  ADM      {', '.join(adm)}")
+    return lines

@@ -1,4 +1,7 @@
-"""What a user watches: a progress line, JSONL metrics, TensorBoard events, PNG sample grids.
+"""What a run records: JSONL metrics, TensorBoard events, throughput, PNG sample grids.
+
+The console (progress lines, summaries) is `diffussm_jax.console` and `training.summary`; plots
+of the metrics are `training.plots`.
 
 TensorBoard files are written by tensorboardX, which needs no TensorFlow. Only process 0 writes.
 """
@@ -11,7 +14,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 from PIL import Image
 
 
@@ -65,37 +67,32 @@ def summarize(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return out
 
 
-class Progress:
-    """Throughput and ETA between log lines."""
+class Throughput:
+    """Images and steps per second between calls of `rates`, for metrics.jsonl."""
 
-    def __init__(self, start_step: int, total_steps: int, global_batch_size: int):
-        self.total_steps = total_steps
+    def __init__(self, global_batch_size: int):
         self.global_batch_size = global_batch_size
-        self._last_step, self._last_time = start_step, time.perf_counter()
+        self._last: tuple[int, float] | None = None
 
-    def line(self, step: int, scalars: dict[str, float]) -> tuple[str, dict[str, float]]:
+    def start(self, step: int) -> None:
+        """Counts from `step` (call it after the first step, which includes compilation)."""
+        self._last = (step, time.perf_counter())
+
+    def rates(self, step: int) -> dict[str, float]:
+        """{"steps_per_sec", "images_per_sec"} since the previous call (or `start`); {} when no
+        step has passed since then."""
         now = time.perf_counter()
-        steps = max(step - self._last_step, 1)
-        seconds = max(now - self._last_time, 1e-9)
-        self._last_step, self._last_time = step, now
-        rates = {
+        if self._last is None:
+            self._last = (step, now)
+        if step <= self._last[0]:
+            return {}
+        steps = step - self._last[0]
+        seconds = max(now - self._last[1], 1e-9)
+        self._last = (step, now)
+        return {
             "steps_per_sec": steps / seconds,
             "images_per_sec": steps * self.global_batch_size / seconds,
         }
-        eta = (self.total_steps - step) / rates["steps_per_sec"]
-        text = (
-            f"step {step}/{self.total_steps}  loss {scalars['loss']:.4f}  "
-            f"mse {scalars['mse']:.4f}  vb {scalars['vb']:.4f}  "
-            f"grad_norm {scalars['grad_norm']:.3f}  {rates['images_per_sec']:.1f} img/s  "
-            f"{rates['steps_per_sec']:.2f} steps/s  ETA {format_seconds(eta)}"
-        )
-        return text, rates
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rem = divmod(seconds, 3600)
-    return f"{hours}h{rem // 60:02d}m" if hours else f"{rem // 60}m{rem % 60:02d}s"
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -130,4 +127,3 @@ def save_png(path: str, image: np.ndarray) -> None:
     tmp = path + ".tmp"
     Image.fromarray(image).save(tmp, format="PNG")
     os.replace(tmp, path)
-    logging.info("Wrote %s", path)

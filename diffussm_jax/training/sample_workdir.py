@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
+from diffussm_jax import console, data, evaluation
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train_state, trainer
 
@@ -58,12 +59,13 @@ def sample_to_npz(
     batch_size: int | None = None,
     guidance_channels: int | None = None,
     vae_path: str | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Draws `num_samples` from the EMA params; labels cycle through `labels` or are uniform.
 
     Unset sampler / steps / cfg_scale take the run's `config.sampling` values; `vae_path`
     overrides the run's `config.vae.path` (latent models only).
-    Returns the paths written ({"npz", "png"}).
+    Returns the paths written ({"npz", "png"}); class-conditional embedded digits add
+    "digits_accuracy", the fraction the digits classifier assigns to the requested class.
     """
     workdir = os.path.abspath(workdir)
     config = load_config(workdir)
@@ -102,18 +104,22 @@ def sample_to_npz(
     batch_size = batch_size or config.global_batch_size
     key = jax.random.key(seed)
     chunks = []
+    progress = console.Progress(
+        num_samples, label="sampled", item_name="img", enabled=jax.process_index() == 0
+    )
     for start in range(0, num_samples, batch_size):
         batch_labels = all_labels[start : start + batch_size]
         images = sampling.draw(
             sample_fn, params, jax.random.fold_in(key, start), batch_labels, mesh
         )
         chunks.append(metrics.to_uint8(images))
-        logging.info("sampled %d/%d", min(start + batch_size, num_samples), num_samples)
+        progress.report(min(start + batch_size, num_samples))
+    progress.close()
     images = np.concatenate(chunks)
 
     output = os.path.abspath(output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    paths = {"npz": output, "png": os.path.splitext(output)[0] + ".png"}
+    paths: dict[str, Any] = {"npz": output, "png": os.path.splitext(output)[0] + ".png"}
     if jax.process_index() == 0:
         meta = dict(
             model=config.model,
@@ -131,5 +137,7 @@ def sample_to_npz(
         os.replace(tmp, output)
         shown = images[:100]
         metrics.save_png(paths["png"], metrics.image_grid(shown, int(np.ceil(np.sqrt(len(shown))))))
-        logging.info("Wrote %d samples to %s (%s)", num_samples, output, meta)
+        if config.data.name == data.EmbeddedDigits.name and num_classes > 0:
+            quality = evaluation.digits_quality(images, all_labels, data_dir=config.data.data_dir)
+            paths["digits_accuracy"] = float(quality["accuracy"])
     return paths

@@ -71,26 +71,43 @@ def _param_group(path: tuple[Any, ...], _) -> str:
     return "ssm" if keys and keys[-1] in ssm.SSM_DYNAMICS_PARAMS else "default"
 
 
+def learning_rates(config: ml_collections.ConfigDict) -> dict[str, float | optax.Schedule]:
+    """{"default", "ssm"}: the learning rate of each parameter group, a float or (with warmup)
+    a schedule of the update index. The SSM dynamics use `config.ssm_learning_rate` if set.
+
+    A constant stays a float: a schedule would add a counter to the optimizer state, and
+    checkpoints of runs without warmup would no longer restore.
+    """
+
+    def schedule(lr: float) -> float | optax.Schedule:
+        if config.warmup_steps:
+            return optax.linear_schedule(0.0, lr, config.warmup_steps)
+        return lr
+
+    ssm_lr = config.learning_rate if config.ssm_learning_rate is None else config.ssm_learning_rate
+    return {"default": schedule(config.learning_rate), "ssm": schedule(ssm_lr)}
+
+
+def learning_rate_at(config: ml_collections.ConfigDict, update_index: int) -> dict[str, float]:
+    """The learning rates the `update_index`-th update (from 0) used, per parameter group."""
+    return {
+        group: float(rate(update_index) if callable(rate) else rate)
+        for group, rate in learning_rates(config).items()
+    }
+
+
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW (DiT recipe: lr 1e-4 constant, wd 0), optional warmup and global-norm clipping.
 
     The SSM dynamics parameters get their own learning rate and never weight decay: decaying
     log_dt or log(-Re A) towards 0 would change time scales, not shrink weights.
     """
-
-    def schedule(lr: float):
-        if config.warmup_steps:
-            return optax.linear_schedule(0.0, lr, config.warmup_steps)
-        return lr
-
-    ssm_lr = config.learning_rate if config.ssm_learning_rate is None else config.ssm_learning_rate
+    rates = learning_rates(config)
     betas = dict(b1=config.adam_b1, b2=config.adam_b2)
     groups = optax.multi_transform(
         {
-            "default": optax.adamw(
-                schedule(config.learning_rate), weight_decay=config.weight_decay, **betas
-            ),
-            "ssm": optax.adam(schedule(ssm_lr), **betas),
+            "default": optax.adamw(rates["default"], weight_decay=config.weight_decay, **betas),
+            "ssm": optax.adam(rates["ssm"], **betas),
         },
         lambda params: jax.tree_util.tree_map_with_path(_param_group, params),
     )

@@ -21,15 +21,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffussm_jax import data
+from diffussm_jax import console, data, evaluation
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax.training import (
     checkpoint,
     distributed,
     fid_eval,
     metrics,
+    plots,
     sampling,
     sharding,
+    summary,
     train_state,
     train_step,
 )
@@ -242,18 +244,6 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def log_topology(mesh) -> None:
-    logging.info(
-        "process %d/%d: %d local devices, %d global (%s); mesh %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-        dict(mesh.shape),
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
     workdir = check_workdir(workdir)
@@ -264,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         )
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     sharding.check_global_batch(config.global_batch_size, mesh)
-    log_topology(mesh)
+    if jax.process_count() > 1:  # one process: the config summary names the devices
+        distributed.log_topology(mesh)
 
     model = train_state.build_model(config)
     diffusion = create_diffusion(config)
@@ -279,24 +270,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     else:
         state, _ = train_state.create_train_state(config, model, tx, mesh)
         start_step = 0
-    logging.info(
-        "%s: %.2fM parameters, %.1f MiB of state per device",
-        config.model,
-        sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-        sharding.bytes_per_device(state) / 2**20,
-    )
+    config_path = os.path.join(workdir, "config.json")
     if jax.process_index() == 0:
-        write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        write_atomically(config_path, config.to_json_best_effort(indent=2))
+    for line in summary.config_lines(
+        config,
+        num_params=sum(x.size for x in jax.tree.leaves(state.params)),
+        state_bytes_per_device=sharding.bytes_per_device(state),
+        mesh_shape=dict(mesh.shape),
+        devices=describe_devices(mesh),
+        start_step=start_step,
+        config_path=config_path,
+    ):
+        logging.info("%s", line)
 
     step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, state_shardings)
     writer = metrics.MetricWriter(workdir)
     # Built before the first step, so that a missing VAE or Inception file fails at start.
     decoder = sampling.latent_decoder(config) if config.sample_every_steps else None
     fid_hook = fid_eval.InTrainingFID.from_config(config, model, diffusion, mesh)  # None: off
-    progress = metrics.Progress(start_step, config.num_train_steps, config.global_batch_size)
+    lead = jax.process_index() == 0
+    progress = console.Progress(
+        config.num_train_steps,
+        done=start_step,
+        label="step",
+        items_per_unit=config.global_batch_size,
+        enabled=lead,
+    )
+    throughput = metrics.Throughput(config.global_batch_size)
     stop = _StopSignal()
     sample_fn = None
     window: list[dict[str, Any]] = []
+    scalars: dict[str, float] = {}
+    grid: GridResult | None = None
 
     def last_good() -> str:
         """The newest complete checkpoint, after the in-flight write (if any) has ended."""
@@ -338,6 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             state, step_metrics = step_fn(state, batch)
             step += 1
             window.append(step_metrics)
+            if step == start_step + 1:
+                # The first call compiled the step: rates count from here.
+                throughput.start(step)
+            progress.advance(step)
 
             if config.nonfinite == "stop" and int(step_metrics["nonfinite"]):
                 bad = jax.device_get(step_metrics)
@@ -353,11 +363,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                 host_window = jax.device_get(window)
                 window = []
                 scalars = metrics.summarize(host_window)
-                text, rates = progress.line(step, scalars)
-                logging.info(text)
+                progress.report(step, loss=scalars["loss"])
                 if scalars["nonfinite"]:
                     log_skipped_steps(step, host_window, checkpointer)
-                writer.write(step, {**scalars, **rates})
+                rates = learning_rates_logged(config, step)
+                writer.write(step, {**scalars, **throughput.rates(step), **rates})
             if config.sample_every_steps and (
                 step % config.sample_every_steps == 0 or step == config.num_train_steps
             ):
@@ -371,7 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                     clip_denoised=sampling.clip_denoised_for(config),
                     decoder=decoder,
                 )
-                write_sample_grid(config, workdir, step, sample_fn, state.ema_params, mesh, writer)
+                grid = write_sample_grid(
+                    config, workdir, step, sample_fn, state.ema_params, mesh, writer
+                )
+                if lead:
+                    write_plots(workdir)
             if fid_hook is not None and fid_hook.due(step):
                 writer.write(step, fid_hook(state.ema_params))
             stop_now = stop.agreed() or checkpointer.manager.reached_preemption(step)
@@ -384,14 +398,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                 break
         checkpointer.wait()  # raises CheckpointWriteError if the last write failed
     finally:
+        progress.close()
         try:
             checkpointer.close()
         except Exception as error:  # never hide the error that is already propagating
             logging.error("closing the checkpointer: %s: %s", type(error).__name__, error)
         writer.close()
         stop.restore()
-    logging.info("Done at step %d. Checkpoints: %s", step, checkpointer.directory)
+    plot = write_plots(workdir) if lead and step > start_step else None
+    rate = progress.mean_rate()
+    outcome = summary.RunOutcome(
+        workdir=workdir,
+        step=step,
+        total_steps=config.num_train_steps,
+        seconds=progress.elapsed(),
+        images_per_second=None if rate is None else rate * config.global_batch_size,
+        last_loss=scalars.get("loss"),
+        checkpoint_dir=checkpointer.directory,
+        checkpoint_step=checkpointer.latest_step(),
+        plot=plot,
+        grid=grid.path if grid else None,
+        grid_accuracy=grid.digits_accuracy if grid else None,
+        grid_size=grid.size if grid else 0,
+        stopped_early=step < config.num_train_steps,
+    )
+    for line in summary.closing_lines(outcome):
+        logging.info("%s", line)
     return state
+
+
+def describe_devices(mesh: jax.sharding.Mesh) -> str:
+    """ "1 cpu device", "8 NVIDIA H100 80GB HBM3 devices on 2 processes"."""
+    count = mesh.devices.size
+    text = f"{count} {mesh.devices.flat[0].device_kind} device{'s' if count > 1 else ''}"
+    if jax.process_count() > 1:
+        text += f" on {jax.process_count()} processes"
+    return text
+
+
+def write_plots(workdir: str) -> str | None:
+    """`plots.write`, but a run never fails over a plot: a problem is logged, None returned."""
+    try:
+        return plots.write(workdir)
+    except (OSError, ValueError) as error:
+        logging.warning("No plot of %s: %s", workdir, error)
+        return None
+
+
+def learning_rates_logged(config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
+    """The learning rates of the update that led to `step`, as metrics (the SSM dynamics' only
+    when they have their own)."""
+    rates = train_state.learning_rate_at(config, step - 1)
+    logged = {"learning_rate": rates["default"]}
+    if config.ssm_learning_rate is not None:
+        logged["ssm_learning_rate"] = rates["ssm"]
+    return logged
 
 
 def describe_nonfinite_inputs(local: dict[str, np.ndarray]) -> str:
@@ -434,8 +495,22 @@ def write_atomically(path: str, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) -> str:
-    """EMA samples, one row per class for conditional models, as `samples/step_<N>.png`."""
+@dataclasses.dataclass(frozen=True)
+class GridResult:
+    """A sample grid written at `step`; the digits get the classifier's accuracy on it."""
+
+    step: int
+    path: str
+    size: int
+    digits_accuracy: float | None = None
+
+
+def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) -> GridResult:
+    """EMA samples, one row per class for conditional models, as `samples/step_<N>.png`.
+
+    Class-conditional digits are scored by the digits classifier (the fraction classified as
+    the requested digit, metric `eval/grid_digits_accuracy`) on process 0.
+    """
     sampling_config = config.sampling
     if config.data.num_classes > 0:
         labels = sampling.grid_labels(
@@ -449,13 +524,22 @@ def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) ->
     images = metrics.to_uint8(sampling.draw(sample_fn, params, rng, labels, mesh))
     grid = metrics.image_grid(images, rows)
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    accuracy = None
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         metrics.save_png(path, grid)
         writer.write_image(step, "ema_samples", grid)
         with open(os.path.join(workdir, "samples", "latest.json"), "w") as f:
             json.dump({"step": step, "path": path, "labels": labels.tolist()}, f)
-    return path
+        scored = ""
+        if config.data.name == data.EmbeddedDigits.name and config.data.num_classes > 0:
+            quality = evaluation.digits_quality(images, labels, data_dir=config.data.data_dir)
+            accuracy = float(quality["accuracy"])
+            writer.write(step, {"eval/grid_digits_accuracy": accuracy})
+            scored = f", {accuracy:.1%} of {len(labels)} classified as the requested digit"
+        if step < config.num_train_steps:  # the last grid is in the closing summary
+            logging.info("step %d: sample grid %s%s", step, summary.shown_path(path), scored)
+    return GridResult(step, path, len(labels), accuracy)
 
 
 __all__ = ["NonFiniteError", "train_and_evaluate"]
