@@ -8,10 +8,13 @@ L = 256 pixels that the SSM runs over in full (no patchify; the hourglass groups
     python -m launch.train --config=configs/quickstart.py:smoke --workdir=/tmp/smoke   # 20 steps
     python -m launch.train --config=configs/quickstart.py:model=DiT-S/2 --workdir=runs/dit
 
-The recipe departs from the paper's (DiT's) in four places, each measured in docs/quickstart.md:
+Sized for 2 CPU cores: `bash scripts/quickstart.sh` trains 1200 steps (77K images) in about
+7 minutes, and 95-98% of its samples are classified as the requested digit (docs/quickstart.md).
+
+The recipe departs from the paper's (DiT's) in five places, each measured in docs/quickstart.md:
 a label table initialised at unit scale (DiT's 0.02 leaves the class unlearnt for hundreds of
 steps), fixed 2-D sin-cos positions on the short tokens, x_0 clipping in the samplers (automatic
-for pixel data), and an EMA with warmup.
+for pixel data), an EMA with warmup, and the cosine noise schedule.
 """
 
 from configs import base
@@ -37,6 +40,9 @@ def get_config(arg: str | None = None):
         config.model_overrides.pos_embed = "sincos"
     config.learn_sigma = False
     config.diffusion.loss = "mse"
+    # The cosine schedule spends fewer steps near pure noise, where 16x16 digits are already
+    # unrecognisable under the linear one: 81.5% against 63.5% after 40K images.
+    config.diffusion.schedule = "cosine"
 
     config.global_batch_size = 64
     config.num_train_steps = 1200

@@ -45,8 +45,9 @@ class Variant:
 
 # The recipe before docs/quickstart.md's diagnosis, at the new default's size and batch: DiT's
 # conditioning init, no positions, no x_0 clipping, EMA without warmup, learned variance with
-# the hybrid loss.
+# the hybrid loss, the linear schedule.
 _OLD = {
+    "diffusion.schedule": "linear",
     "model_overrides.label_init_std": 0.02,
     "model_overrides.pos_embed": "none",
     "sampling.clip_denoised": False,
