@@ -156,3 +156,26 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             parsed[key] = type(default)(value)
     return parsed
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['diffusion.prediction=eps', 'ema_warmup=false'] -> a dict for `update_from_flattened_dict`.
+
+    Numbers become int or float, true / false / none become bool / None, the rest stay strings.
+    """
+    overrides = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator:
+            raise ValueError(f"override {item!r} is not FIELD=VALUE, e.g. diffusion.prediction=eps")
+        overrides[key] = _parse_value(text)
+    return overrides
+
+
+def _parse_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)

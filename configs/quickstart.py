@@ -11,10 +11,10 @@ L = 256 pixels that the SSM runs over in full (no patchify; the hourglass groups
 Sized for 2 CPU cores: `bash scripts/quickstart.sh` trains 1200 steps (77K images) in about
 7 minutes, and 95-98% of its samples are classified as the requested digit (docs/quickstart.md).
 
-The recipe departs from the paper's (DiT's) in five places, each measured in docs/quickstart.md:
+The recipe departs from the paper's (DiT's) in six places, each measured in docs/quickstart.md:
 a label table initialised at unit scale (DiT's 0.02 leaves the class unlearnt for hundreds of
 steps), fixed 2-D sin-cos positions on the short tokens, x_0 clipping in the samplers (automatic
-for pixel data), an EMA with warmup, and the cosine noise schedule.
+for pixel data), an EMA with warmup, the cosine noise schedule and v prediction.
 """
 
 from configs import base
@@ -43,6 +43,10 @@ def get_config(arg: str | None = None):
     # The cosine schedule spends fewer steps near pure noise, where 16x16 digits are already
     # unrecognisable under the linear one: 81.5% against 63.5% after 40K images.
     config.diffusion.schedule = "cosine"
+    # v prediction: at high noise the network predicts the clean image, where eps prediction's
+    # loss hardly trains it. 90% of the samples are the requested digit after 21K images,
+    # against 47K with eps (docs/objectives.md).
+    config.diffusion.prediction = "v"
 
     config.global_batch_size = 64
     config.num_train_steps = 1200

@@ -45,9 +45,10 @@ class Variant:
 
 # The recipe before docs/quickstart.md's diagnosis, at the new default's size and batch: DiT's
 # conditioning init, no positions, no x_0 clipping, EMA without warmup, learned variance with
-# the hybrid loss, the linear schedule.
+# the hybrid loss, the linear schedule, eps prediction.
 _OLD = {
     "diffusion.schedule": "linear",
+    "diffusion.prediction": "eps",
     "model_overrides.label_init_std": 0.02,
     "model_overrides.pos_embed": "none",
     "sampling.clip_denoised": False,
@@ -79,8 +80,12 @@ VARIANTS = {
     "hybrid": Variant(
         "quickstart, learned sigma + hybrid loss", {"learn_sigma": True, "diffusion.loss": "hybrid"}
     ),
-    "v": Variant("quickstart, v prediction", {"diffusion.prediction": "v"}),
-    "min_snr": Variant("quickstart, min-SNR-5 weighting", {"diffusion.loss_weighting": "min_snr"}),
+    "eps": Variant("quickstart, eps prediction (DiT's)", {"diffusion.prediction": "eps"}),
+    "v": Variant("quickstart, v prediction (the default)", {"diffusion.prediction": "v"}),
+    "min_snr": Variant(
+        "quickstart, eps prediction + min-SNR-5",
+        {"diffusion.prediction": "eps", "diffusion.loss_weighting": "min_snr"},
+    ),
     "v_min_snr": Variant(
         "quickstart, v prediction + min-SNR-5",
         {"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr"},
@@ -89,6 +94,7 @@ VARIANTS = {
         "quickstart, flow matching (logit-normal t), Heun 25",
         {
             "diffusion.process": "flow",
+            "diffusion.prediction": "eps",  # the flow's network predicts eps - x_0
             "diffusion.t_sampling": "logit_normal",
             "sampling.sampler": "heun",
             "sampling.steps": 25,
@@ -140,27 +146,6 @@ def build_config(variant: Variant, extra: dict):
     return config
 
 
-def parse_value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
-
-
-def digits_for(config) -> tuple[np.ndarray, np.ndarray]:
-    """The embedded digits as the input pipeline delivers them for `config`: (N, S, S, 1), (N,)."""
-    from diffussm_jax.data import embedded_digits, preprocessing
-
-    images, labels = embedded_digits.read_mnist_5k()
-    if config.data.center_crop:
-        images = np.stack(
-            [preprocessing.adm_center_crop(x, config.data.center_crop) for x in images]
-        )
-    return preprocessing.to_model_range(images), labels.astype(np.int32)
-
-
 def sample_settings(config, names: list[str]) -> list[dict]:
     from diffussm_jax.training import sampling
 
@@ -194,6 +179,7 @@ def sample_settings(config, names: list[str]) -> list[dict]:
 def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[dict]:
     import jax
     import jax.numpy as jnp
+    from digits_in_memory import digits_for
 
     from diffussm_jax import evaluation
     from diffussm_jax.training import metrics, sampling, sharding, trainer
@@ -318,10 +304,9 @@ def main(argv):
     del argv
     sys.path.insert(0, os.path.dirname(__file__))
     os.makedirs(FLAGS.out, exist_ok=True)
-    extra = {}
-    for item in FLAGS.set:
-        key, _, value = item.partition("=")
-        extra[key] = parse_value(value)
+    from configs import base
+
+    extra = base.parse_overrides(FLAGS.set)
     log_path = os.path.join(FLAGS.out, "rows.jsonl")
     command = " ".join(["python", "scripts/digits_sweep.py", *sys.argv[1:]])
 

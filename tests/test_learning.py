@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import quickstart
+from diffussm_jax import diffusion
 from diffussm_jax.data import synthetic
 from diffussm_jax.training import sampling, sharding, trainer
 
@@ -45,8 +46,18 @@ def test_conditional_samples_show_the_requested_class():
             "image": jnp.asarray(images[start : start + 32]),
             "label": jnp.asarray(labels[start : start + 32]),
         }
-        state, metrics = experiment.step_fn(state, batch)
-    assert float(metrics["mse"]) < 0.1, float(metrics["mse"])
+        state, _ = experiment.step_fn(state, batch)
+    # The denoising error in eps units, whatever the network predicts (the quickstart predicts
+    # v, whose loss has another scale), on 256 fresh images at uniform t. An untrained network
+    # scores about 1; measured after training: 0.09 (v), 0.11 (eps).
+    x_0, y = (jnp.asarray(a) for a in synthetic.two_halves(256, SIZE, seed=5))
+    t = jax.random.randint(jax.random.key(3), (256,), 0, experiment.diffusion.num_timesteps)
+    noise = jax.random.normal(jax.random.key(4), x_0.shape)
+    x_t = diffusion.q_sample(experiment.diffusion, x_0, t, noise)
+    output = experiment.model.apply({"params": state.params}, x_t, t, y)[..., :1]
+    eps, _ = diffusion.eps_and_xstart(experiment.diffusion, output, x_t, t)
+    eps_mse = float(jnp.mean(jnp.square(eps - noise)))
+    assert eps_mse < 0.15, eps_mse
 
     sample_fn = sampling.make_sample_fn(
         experiment.model,

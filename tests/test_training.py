@@ -167,7 +167,8 @@ def test_pixel_samples_clip_their_x0_estimates_and_latents_do_not():
 
 def flow_config(**fields):
     """The smoke config as a flow model: velocity prediction, Heun sample grids."""
-    return smoke_config(**{"diffusion.process": "flow", "sampling.sampler": "heun", **fields})
+    flow = {"diffusion.process": "flow", "diffusion.prediction": "eps", "sampling.sampler": "heun"}
+    return smoke_config(**{**flow, **fields})
 
 
 def test_process_settings_are_checked_and_errors_name_the_fix():
@@ -196,7 +197,7 @@ def test_process_settings_are_checked_and_errors_name_the_fix():
     with pytest.raises(ValueError, match=r"choose one of \('gaussian', 'flow'\)"):
         trainer.create_diffusion(smoke_config(**{"diffusion.process": "ode"}))
     # The quickstart's dpm++2m cannot sample a flow model: caught before training starts.
-    dpm = smoke_config(**{"diffusion.process": "flow"})
+    dpm = flow_config(**{"sampling.sampler": "dpm++2m"})
     with pytest.raises(ValueError, match=r"sampling\.sampler to one of \('euler', 'heun'\)"):
         trainer.check_samplers(dpm, trainer.create_diffusion(dpm))
     heun_eval = smoke_config(**{"eval.sampler": "heun"})

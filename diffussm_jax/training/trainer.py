@@ -101,7 +101,7 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
         if config.diffusion.loss != "mse":
             fixes.append(f"--config.diffusion.loss=mse (not {config.diffusion.loss!r})")
         if setting("prediction") != "eps":
-            fixes.append("--config.diffusion.prediction=eps (the default; flow predicts eps - x_0)")
+            fixes.append("--config.diffusion.prediction=eps (a flow network predicts eps - x_0)")
         if setting("loss_weighting") != "none":
             fixes.append("--config.diffusion.loss_weighting=none (min-SNR is Gaussian only)")
         if fixes:
