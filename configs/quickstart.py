@@ -8,8 +8,8 @@ L = 256 pixels that the SSM runs over in full (no patchify; the hourglass groups
     python -m launch.train --config=configs/quickstart.py:smoke --workdir=/tmp/smoke   # 20 steps
     python -m launch.train --config=configs/quickstart.py:model=DiT-S/2 --workdir=runs/dit
 
-Sized for 2 CPU cores: `bash scripts/quickstart.sh` trains 1200 steps (77K images) in about
-7 minutes, and 95-98% of its samples are classified as the requested digit (docs/quickstart.md).
+Sized for 2 CPU cores: `bash scripts/quickstart.sh` trains 800 steps (51K images) in about
+5 minutes, and a sample grid every 200 steps shows the digits appear (docs/quickstart.md).
 
 The recipe departs from the paper's (DiT's) in six places, each measured in docs/quickstart.md:
 a label table initialised at unit scale (DiT's 0.02 leaves the class unlearnt for hundreds of
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None):
     config.diffusion.prediction = "v"
 
     config.global_batch_size = 64
-    config.num_train_steps = 1200
+    config.num_train_steps = 800  # 51K images; 98.5% and 100% of samples right at 40K (2 seeds)
     config.learning_rate = 2e-3
     config.warmup_steps = 50
     config.grad_clip_norm = 1.0
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None):
     config.ema_warmup = True
     config.log_every_steps = 50
     config.checkpoint_every_steps = 400
-    config.sample_every_steps = 400
+    config.sample_every_steps = 200
     config.sampling.sampler = "dpm++2m"
     config.sampling.steps = 25
     config.sampling.cfg_scale = 3.0
