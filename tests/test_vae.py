@@ -10,10 +10,12 @@ They skip only where torch / diffusers are not installed (the `reference` extra)
 """
 
 import json
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -252,6 +254,37 @@ def test_missing_and_corrupt_files_are_explained(tmp_path, tiny_state_dict):
         vae.load(directory)
     os.remove(weights)
     with pytest.raises(vae.VAEWeightsNotFoundError, match="safetensors does not exist"):
+        vae.load(directory)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)])
+def test_half_precision_files_load_upcast_and_logged(tmp_path, tiny_state_dict, dtype, caplog):
+    """fp16 / bf16 safetensors (as often published) load as their exact float32 upcast, with a
+    log line saying so; a half-precision file cut short is still reported as corrupt."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    half = {key: value.astype(dtype) for key, value in tiny_state_dict.items()}
+    # The rounding is real, so loading the float32 original instead would fail the check below.
+    assert any(not np.array_equal(half[k], tiny_state_dict[k]) for k in half)
+    directory = tmp_path / "vae"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(vae.weights.config_to_diffusers(TINY)))
+    weights = directory / vae.weights.WEIGHTS_NAME
+    safetensors_numpy.save_file(half, str(weights))
+
+    with caplog.at_level(logging.INFO, logger="absl"):
+        _, params = vae.load(directory)
+    upcast = vae.convert_state_dict({k: v.astype(np.float32) for k, v in half.items()}, TINY)
+    for loaded, expected in zip(jax.tree.leaves(params), jax.tree.leaves(upcast), strict=True):
+        assert loaded.dtype == np.float32
+        np.testing.assert_array_equal(loaded, expected)
+    assert f"{len(half)} tensors in {dtype.name}; upcast to float32" in caplog.text
+
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(vae.VAEWeightsError, match="truncated or corrupt"):
+        vae.load(directory)
+    safetensors_numpy.save_file({"quant_conv.bias": np.arange(8, dtype=np.int32)}, str(weights))
+    with pytest.raises(vae.VAEWeightsError, match=r"dtype \['I32'\].*floating point"):
         vae.load(directory)
 
 

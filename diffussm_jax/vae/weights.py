@@ -3,7 +3,8 @@
 A diffusers VAE directory (e.g. a download of huggingface.co/stabilityai/sd-vae-ft-ema) holds
 
     config.json                          the architecture (block widths, groups, latent channels)
-    diffusion_pytorch_model.safetensors  the weights, PyTorch layouts, float32
+    diffusion_pytorch_model.safetensors  the weights, PyTorch layouts, float32 (float16 and
+                                         bfloat16 files are upcast to float32 on load, exactly)
 
     model, params = load(directory)      # AutoencoderKL, Flax parameter tree (float32 numpy)
 
@@ -25,11 +26,14 @@ that names the keys. PyTorch is never imported.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+from absl import logging
 
 from diffussm_jax.vae.autoencoder import AutoencoderKL, VAEConfig, param_shapes
 
@@ -50,6 +54,13 @@ LEGACY_ATTENTION_NAMES = {
 }
 
 FlaxPath = tuple[str, ...]
+# The safetensors dtypes VAE weights may be stored in; each upcasts exactly to float32.
+FLOAT_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
 
 
 class VAEWeightsError(ValueError):
@@ -321,29 +332,56 @@ def flax_to_state_dict(params: dict[str, Any], config: VAEConfig) -> dict[str, n
 
 def _safetensors():
     try:
-        import safetensors.numpy  # optional dependency, needed only here
+        import safetensors  # optional dependency, needed only here
+        import safetensors.numpy
     except ImportError as error:
         raise ImportError(
             "Reading VAE weights needs the `safetensors` package (no PyTorch): "
             "pip install safetensors"
         ) from error
-    return safetensors.numpy
+    return safetensors
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as numpy arrays; a clear error if it is corrupt."""
+    """All tensors of a .safetensors file as numpy arrays, in the dtype they are stored in.
+
+    float16 and bfloat16 files (halved copies of the float32 weights, as often published) are
+    read as such and logged; `convert_state_dict` upcasts them to float32, which is exact.
+
+    Raises:
+      VAEWeightsNotFoundError: no such file.
+      VAEWeightsError: the file is truncated or corrupt, or holds tensors that are not floats.
+    """
     if not os.path.isfile(path):
         raise VAEWeightsNotFoundError(f"VAE weights file {path} does not exist.\n{DOWNLOAD_HINT}")
-    size = os.path.getsize(path)
+    safetensors = _safetensors()
+    with open(path, "rb") as f:
+        payload = f.read()
     try:
-        return _safetensors().load_file(path)
-    except ImportError:
-        raise
+        # Checks the header against the payload (sizes, offsets). numpy has no bfloat16, so
+        # the arrays are made here, with ml_dtypes' bfloat16, rather than by safetensors.numpy.
+        tensors = safetensors.deserialize(payload)
     except Exception as error:  # safetensors raises its own error types for bad headers/sizes
         raise VAEWeightsError(
-            f"{path} ({size} bytes) is not a readable safetensors file: {error}. It is probably "
-            f"truncated or corrupt (an interrupted download?); download it again.\n{DOWNLOAD_HINT}"
+            f"{path} ({len(payload)} bytes) is not a readable safetensors file: {error}. It is "
+            "probably truncated or corrupt (an interrupted download?); download it again.\n"
+            f"{DOWNLOAD_HINT}"
         ) from error
+    stored = collections.Counter(info["dtype"] for _, info in tensors)
+    unsupported = sorted(set(stored) - set(FLOAT_DTYPES))
+    if unsupported:
+        raise VAEWeightsError(
+            f"{path} holds tensors of dtype {unsupported}; VAE weights are floating point "
+            f"({sorted(FLOAT_DTYPES)}). Is this the VAE's diffusers weights file?"
+        )
+    halves = [name for name in ("F16", "BF16") if stored[name]]
+    if halves:
+        counts = ", ".join(f"{stored[n]} tensors in {FLOAT_DTYPES[n].name}" for n in halves)
+        logging.info("VAE weights %s: %s; upcast to float32 on load (exact).", path, counts)
+    return {
+        name: np.frombuffer(info["data"], FLOAT_DTYPES[info["dtype"]]).reshape(info["shape"])
+        for name, info in tensors
+    }
 
 
 def read_config(directory: str) -> VAEConfig:
@@ -395,5 +433,5 @@ def save(directory: str | os.PathLike, config: VAEConfig, params: dict[str, Any]
     with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config_to_diffusers(config), f, indent=2)
     tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
-    _safetensors().save_file(flax_to_state_dict(params, config), tmp)
+    _safetensors().numpy.save_file(flax_to_state_dict(params, config), tmp)
     os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
