@@ -105,7 +105,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Cadence.
     config.log_every_steps = 100
     config.checkpoint_every_steps = 5_000
-    config.keep_checkpoints = 3
+    config.keep_checkpoints = 3  # the newest N checkpoints (rolling)
+    # Milestones: every checkpoint at a multiple of this step is kept for good (and the trainer
+    # saves at those steps too); 0: none. launch.sample / launch.evaluate --step read any one.
+    config.keep_every_steps = 0
     config.sample_every_steps = 10_000  # 0: no sample grids
 
     # Sampling during training (EMA params) and defaults for launch/sample.py.

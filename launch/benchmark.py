@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 
 from diffussm_jax import benchmark
+from launch import cli
 
 _DEFAULTS = benchmark.Options()
 FLAGS = flags.FLAGS
@@ -92,4 +93,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("mode")
-    app.run(main)
+    cli.run(main)

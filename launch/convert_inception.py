@@ -12,6 +12,7 @@ import json
 from absl import app, flags
 
 from diffussm_jax.evaluation import inception
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "pt_inception-2015-12-05-6726825d.pth or a state dict .pth.")
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

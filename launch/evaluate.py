@@ -17,8 +17,8 @@ import json
 
 from absl import app, flags, logging
 
-from diffussm_jax.training import evaluate_workdir
-from launch import console, multiprocess
+from diffussm_jax.training import checkpoint, evaluate_workdir
+from launch import cli, console, multiprocess
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
@@ -40,6 +40,9 @@ flags.DEFINE_enum(
     "Inception input: ADM's TF graph (TF1 resize, (x-128)/128) or pytorch-fid's.",
 )
 flags.DEFINE_string("output_dir", None, "Where samples and scores go (default: <workdir>/eval).")
+flags.DEFINE_integer(
+    "step", None, "Checkpoint step to use (default: the newest); see config.keep_every_steps."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -63,6 +66,7 @@ def main(argv):
         reference_path=FLAGS.reference,
         inception_preprocessing=FLAGS.inception_preprocessing,
         output_dir=FLAGS.output_dir,
+        checkpoint_step=FLAGS.step,
     )
     for line in evaluate_workdir.summary_lines(result):
         logging.info("%s", line)
@@ -70,4 +74,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, user_errors=(checkpoint.CheckpointStepNotFoundError,))

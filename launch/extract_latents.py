@@ -17,7 +17,7 @@ downloads and measured times.
 from absl import app, flags
 
 from diffussm_jax.data import latents
-from launch import console, multiprocess
+from launch import cli, console, multiprocess
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -66,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

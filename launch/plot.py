@@ -10,6 +10,7 @@ time, for example while a run is going or for a run from before plots existed.
 from absl import app, flags
 
 from diffussm_jax.training import plots
+from launch import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train (with metrics.jsonl).")
@@ -24,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -8,8 +8,8 @@
 
 from absl import app, flags
 
-from diffussm_jax.training import sample_workdir
-from launch import console
+from diffussm_jax.training import checkpoint, sample_workdir
+from launch import cli, console
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
@@ -27,6 +27,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (default: the run's global batch).")
 flags.DEFINE_string(
     "vae", None, "Latent models: diffusers VAE directory (default: the run's config.vae.path)."
+)
+flags.DEFINE_integer(
+    "step", None, "Checkpoint step to use (default: the newest); see config.keep_every_steps."
 )
 flags.mark_flags_as_required(["workdir", "output"])
 
@@ -46,6 +49,7 @@ def main(argv):
         seed=FLAGS.seed,
         batch_size=FLAGS.batch_size,
         vae_path=FLAGS.vae,
+        checkpoint_step=FLAGS.step,
     )
     print(f"samples: {paths['npz']}\ngrid:    {paths['png']}")
     if "digits_accuracy" in paths:
@@ -56,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, user_errors=(checkpoint.CheckpointStepNotFoundError,))

@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffussm_jax import training
-from launch import console, multiprocess
+from launch import cli, console, multiprocess
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,14 @@ import pytest
 from configs import quickstart
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax import training
-from diffussm_jax.training import sampling, sharding, train_state, train_step, trainer
+from diffussm_jax.training import (
+    sample_workdir,
+    sampling,
+    sharding,
+    train_state,
+    train_step,
+    trainer,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -375,6 +383,44 @@ def launch(*args, timeout=600, env=None):
     )
 
 
+def test_milestone_checkpoints_survive_rotation_and_can_be_sampled(tmp_path):
+    """keep_every_steps: milestones outlive the rolling window (and are saved off the
+    checkpoint cadence); launch.sample --step reads one; a missing step ends with status 2."""
+    workdir = str(tmp_path / "run")
+    config = smoke_config(
+        num_train_steps=10,
+        checkpoint_every_steps=3,
+        keep_checkpoints=1,
+        keep_every_steps=5,
+        sample_every_steps=0,
+    )
+    final = training.train_and_evaluate(config, workdir)
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    steps = sorted(int(name) for name in names if name.isdigit())
+    assert steps == [5, 10]  # 3, 6 and 9 rotated out; 5 is a milestone, 10 the newest
+
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    _, milestone, step = sample_workdir.restore_ema_params(workdir, config, mesh, checkpoint_step=5)
+    _, newest, newest_step = sample_workdir.restore_ema_params(workdir, config, mesh)
+    assert (step, newest_step) == (5, 10)
+    for a, b in zip(jax.tree.leaves(newest), jax.tree.leaves(final.ema_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(milestone), jax.tree.leaves(newest), strict=True)
+    )
+
+    output = tmp_path / "milestone.npz"
+    args = [f"--workdir={workdir}", "--num_samples=2", f"--output={output}", "--steps=2"]
+    result = launch("launch.sample", *args, "--step=5", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert output.is_file()
+    result = launch("launch.sample", *args, "--step=3", timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "no checkpoint at step 3" in result.stderr and "[5, 10]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_launchers_train_then_sample(tmp_path):
     workdir = tmp_path / "run"
     data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
@@ -507,5 +553,28 @@ def test_unknown_config_field_is_rejected(tmp_path):
         f"--workdir={tmp_path}",
         timeout=120,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "global_batchsize" in result.stderr and "global_batch_size" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config.model_overrides.dept=3"], r"overrides\.dept=3: .*no field 'dept'.*\"depth\""),
+        (["--config.global_batch_size=abc"], r"global_batch_size=abc.*invalid literal"),
+        (["--wrkdir=/tmp/x"], r"Unknown command line flag 'wrkdir'.*workdir"),
+    ],
+)
+def test_command_line_mistakes_end_with_one_message_and_status_2(tmp_path, args, expected):
+    """Not a traceback through absl and ml_collections (a config typo used to print 55 lines)."""
+    result = launch(
+        "launch.train",
+        "--config=configs/quickstart.py:smoke",
+        f"--workdir={tmp_path}",
+        *args,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    assert re.search(expected, result.stderr), result.stderr

@@ -8,7 +8,8 @@ once complete, so a kill at any moment leaves no step that looks complete but is
 What a kill can leave behind, and what the training job (`owner=True`) does with it on restart:
   * a half-written `<step>.orbax-checkpoint-tmp`: logged and removed; the newest complete step
     is restored.
-  * an old step being deleted (keep_checkpoints): orbax first renames it into `deleted/`, an
+  * an old step being deleted (keep_checkpoints rotation; milestone steps, multiples of
+    keep_every_steps, are never deleted): orbax first renames it into `deleted/`, an
     atomic move out of the step namespace, so a partly deleted step never looks like a
     checkpoint; `deleted/` is emptied at start and after each save.
   * a complete step that still fails to restore (disk corruption, a file removed by hand):
@@ -43,6 +44,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's parameters do not fit the model being restored."""
 
 
+class CheckpointStepNotFoundError(FileNotFoundError):
+    """A checkpoint step was asked for that the directory does not hold (names the ones it does)."""
+
+
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (e.g. the disk is full); earlier checkpoints are intact."""
 
@@ -52,7 +57,9 @@ class Checkpointer:
 
     Args:
       workdir: the run directory; checkpoints live in `<workdir>/checkpoints`.
-      keep: number of newest steps to keep.
+      keep: number of newest steps to keep (rolling).
+      keep_every_steps: also keep every step that is a multiple of this, for good
+        (milestones); 0: none.
       async_save: write in a background thread while training continues.
       owner: True for the training job that writes this directory: it removes half-written
         steps left by a killed run and moves unreadable ones aside. False (readers such as
@@ -60,8 +67,19 @@ class Checkpointer:
     """
 
     def __init__(
-        self, workdir: str, *, keep: int = 3, async_save: bool = True, owner: bool = False
+        self,
+        workdir: str,
+        *,
+        keep: int = 3,
+        keep_every_steps: int = 0,
+        async_save: bool = True,
+        owner: bool = False,
     ):
+        if keep < 1 or keep_every_steps < 0:
+            raise ValueError(
+                f"keep_checkpoints={keep} must be at least 1 and keep_every_steps="
+                f"{keep_every_steps} at least 0 (0: no milestones)."
+            )
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.owner = owner
         self._in_flight: int | None = None  # step whose async write may still be running
@@ -77,6 +95,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep if owner else None,  # readers never save or delete
+                keep_period=keep_every_steps or None,  # steps % keep_period == 0 stay
                 save_interval_steps=1 if owner else 0,
                 create=owner,
                 enable_async_checkpointing=async_save,
@@ -179,10 +198,18 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: no checkpoint at all.
+          CheckpointStepNotFoundError: no checkpoint at the given `step`.
           CheckpointMismatchError: the newest checkpoint was made with another model/config.
           RuntimeError: no checkpoint could be read (the first failure is chained).
         """
-        candidates = [step] if step is not None else self.all_steps()[::-1]
+        available = self.all_steps()
+        if step is not None and step not in available:
+            raise CheckpointStepNotFoundError(
+                f"no checkpoint at step {step} in {self.directory}; its steps are {available}. "
+                "Pick one of them, or leave the step unset for the newest (runs keep the newest "
+                "keep_checkpoints steps and every multiple of keep_every_steps)."
+            )
+        candidates = [step] if step is not None else available[::-1]
         if not candidates:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         failures: list[tuple[int, Exception]] = []

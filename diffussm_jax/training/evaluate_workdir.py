@@ -128,6 +128,7 @@ def sample_shards(
     labels: str = "uniform",
     guidance_channels: int | None = None,
     vae_path: str | None = None,
+    checkpoint_step: int | None = None,
 ) -> tuple[SampleSettings, list[str], np.ndarray]:
     """Draws the samples batch by batch into shard files, skipping finished batches.
 
@@ -140,7 +141,7 @@ def sample_shards(
     config = sample_workdir.load_config(workdir)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     decoder = sampling.latent_decoder(config, vae_path)  # before the slow restore: fail fast
-    model, params, step = sample_workdir.restore_ema_params(workdir, config, mesh)
+    model, params, step = sample_workdir.restore_ema_params(workdir, config, mesh, checkpoint_step)
     devices = mesh.devices.size
     batch_size = batch_size or config.global_batch_size
     # Whole batches per device: every batch compiles to the same program.
@@ -321,6 +322,7 @@ def evaluate(
     reference_path: str | None = None,
     inception_preprocessing: str = "tf_graph",
     output_dir: str | None = None,
+    checkpoint_step: int | None = None,
 ) -> dict:
     """Samples (resumably), writes `<name>.npz` + `<name>.json` + a PNG grid, and scores.
 
@@ -338,6 +340,7 @@ def evaluate(
       inception_preprocessing: "tf_graph" (ADM's graph: TF1 resize, (x - 128) / 128) or
         "pytorch_fid"; see `inception.preprocess`.
       output_dir: default `<workdir>/eval`.
+      checkpoint_step: the checkpoint to sample (e.g. a milestone); unset: the newest.
 
     Returns:
       The metadata and metrics, as written to `<name>.json`.
@@ -361,6 +364,7 @@ def evaluate(
         labels=labels,
         guidance_channels=guidance_channels,
         vae_path=vae_path,
+        checkpoint_step=checkpoint_step,
     )
     name = settings.name()
     npz_path = os.path.join(output_dir, name + ".npz")

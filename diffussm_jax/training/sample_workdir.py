@@ -33,14 +33,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
-def restore_ema_params(workdir: str, config: ml_collections.ConfigDict, mesh):
-    """(model, EMA params, step) from the newest checkpoint in `workdir`."""
+def restore_ema_params(
+    workdir: str, config: ml_collections.ConfigDict, mesh, checkpoint_step: int | None = None
+):
+    """(model, EMA params, step) from checkpoint `checkpoint_step` (unset: the newest)."""
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     abstract, _ = train_state.abstract_train_state(config, model, tx, mesh)
     checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
-        state, step = checkpointer.restore(abstract)
+        state, step = checkpointer.restore(abstract, step=checkpoint_step)
     finally:
         checkpointer.close()
     return model, state.ema_params, step
@@ -59,11 +61,13 @@ def sample_to_npz(
     batch_size: int | None = None,
     guidance_channels: int | None = None,
     vae_path: str | None = None,
+    checkpoint_step: int | None = None,
 ) -> dict[str, Any]:
     """Draws `num_samples` from the EMA params; labels cycle through `labels` or are uniform.
 
     Unset sampler / steps / cfg_scale take the run's `config.sampling` values; `vae_path`
-    overrides the run's `config.vae.path` (latent models only).
+    overrides the run's `config.vae.path` (latent models only). `checkpoint_step` picks a
+    checkpoint (e.g. a milestone); unset: the newest.
     Returns the paths written ({"npz", "png"}); class-conditional embedded digits add
     "digits_accuracy", the fraction the digits classifier assigns to the requested class.
     """
@@ -75,7 +79,7 @@ def sample_to_npz(
     diffusion = trainer.create_diffusion(config)
     sampler = sampler or config.sampling.sampler
     diffusion_lib.check_sampler(diffusion, sampler)
-    model, params, step = restore_ema_params(workdir, config, mesh)
+    model, params, step = restore_ema_params(workdir, config, mesh, checkpoint_step)
     steps = steps or config.sampling.steps
     cfg_scale = config.sampling.cfg_scale if cfg_scale is None else cfg_scale
     num_classes = config.data.num_classes

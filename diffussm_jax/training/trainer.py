@@ -261,7 +261,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     diffusion = create_diffusion(config)
     check_samplers(config, diffusion)
     tx = train_state.create_optimizer(config)
-    checkpointer = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints, owner=True)
+    checkpointer = checkpoint.Checkpointer(
+        workdir,
+        keep=config.keep_checkpoints,
+        keep_every_steps=config.keep_every_steps,
+        owner=True,
+    )
     data_iterator = create_data_iterator(config)
 
     abstract_state, state_shardings = train_state.abstract_train_state(config, model, tx, mesh)
@@ -389,7 +394,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             if fid_hook is not None and fid_hook.due(step):
                 writer.write(step, fid_hook(state.ema_params))
             stop_now = stop.agreed() or checkpointer.manager.reached_preemption(step)
-            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+            milestone = config.keep_every_steps and step % config.keep_every_steps == 0
+            if (
+                step % config.checkpoint_every_steps == 0
+                or milestone
+                or step == config.num_train_steps
+            ):
                 save(step)
             elif stop_now:
                 save(step, force=True)
