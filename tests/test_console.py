@@ -134,7 +134,7 @@ def test_config_summary_is_five_lines_and_points_to_the_whole_config():
     assert len(lines) == 5
     assert lines[0].startswith("DiffuSSM-S (depth=2, hidden_size=32") and "0.05M" in lines[0]
     assert "global batch 16 over 1 cpu device (mesh data 1 x fsdp 1); 20 steps" in lines[1]
-    assert "lr 0.002" in lines[2] and "eps prediction" in lines[2]
+    assert "lr 0.002" in lines[2] and "v prediction" in lines[2]
     assert "a sample grid every 20 (dpm++2m, 5 steps, guidance 3)" in lines[3]
     assert lines[4] == "full config: /runs/q/config.json"
     resumed = summary.config_lines(

@@ -154,8 +154,10 @@ def test_pixel_samples_clip_their_x0_estimates_and_latents_do_not():
     forced = smoke_config(**{"data.latent_scale": 0.18215, "sampling.clip_denoised": True})
     assert sampling.clip_denoised_for(forced)
 
-    # The untrained model predicts eps = 0, so its x_0 estimate x_t / sqrt(alpha_bar) is far out
-    # of the data range: only the clip keeps a deterministic sampler's output inside it.
+    # An untrained eps model predicts eps = 0, so its x_0 estimate x_t / sqrt(alpha_bar) is far
+    # out of the data range: only the clip keeps a deterministic sampler's output inside it.
+    # (The quickstart predicts v, whose x_0 estimate is not amplified, hence eps here.)
+    config = smoke_config(**{"diffusion.prediction": "eps"})
     mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
     model = train_state.build_model(config)
     diffusion = trainer.create_diffusion(config)
