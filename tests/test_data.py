@@ -252,6 +252,32 @@ def test_resumed_iterator_continues_exactly(tiny_dir):
     assert not np.array_equal(fresh_ids, expected[0]["label"])
 
 
+def _global_loader(tiny_dir, **kwargs):
+    kwargs = {"global_batch_size": 8, "read_options": FAST_READS, "seed": 7, **kwargs}
+    return data.create_global_loader("tiny_photos", split="train", data_dir=tiny_dir, **kwargs)
+
+
+def test_global_stream_is_the_same_on_any_topology_and_resumes_from_a_position(tiny_dir):
+    """The training stream: on one process it is create_loader's; split by rows over any
+    number of processes it reassembles into the same global batches; started at position
+    k * G it continues exactly where batch k would have (across the epoch boundary, flips on)."""
+    flips = {"random_flip": True, "image_size": 32}
+    # 8 batches of 8 from 48 photos: into the second epoch.
+    whole = _take(iter(_global_loader(tiny_dir, rows=range(8), **flips)), 8)
+    one_process = _take(iter(_photo_loader(tiny_dir, seed=7, **flips)), 8)
+    _assert_same_batches(whole, one_process)
+    for split in ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]]):
+        parts = [_take(iter(_global_loader(tiny_dir, rows=rows, **flips)), 8) for rows in split]
+        for k, batch in enumerate(whole):
+            for key in batch:
+                reassembled = np.empty_like(batch[key])
+                for rows, part in zip(split, parts, strict=True):
+                    reassembled[rows] = part[k][key]
+                np.testing.assert_array_equal(reassembled, batch[key])
+    resumed = _take(iter(_global_loader(tiny_dir, rows=range(8), start=4 * 8, **flips)), 4)
+    _assert_same_batches(resumed, whole[4:])
+
+
 def test_resumed_digit_iterator_continues_exactly(digits_dir):
     make = lambda: data.create_loader(
         data_dir=digits_dir, per_process_batch_size=16, seed=1, read_options=FAST_READS

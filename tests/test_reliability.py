@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import quickstart
@@ -316,17 +316,18 @@ def test_checkpoint_from_another_model_names_parameters_and_shapes(tmp_path, sma
 def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     """ENOSPC while writing step 4: a clear error, step 2 intact, then a rerun completes."""
     config = smoke_config(num_train_steps=6, checkpoint_every_steps=2)
-    real_save = grain.checkpoint.CheckpointHandler.save
+    real_save = ocp.JsonCheckpointHandler._save_fn
     calls = []
 
-    def disk_fills(self, directory, item=None, args=None):
-        calls.append(directory)
-        if len(calls) == 2:
-            (directory / "partial.json").write_text('{"trunc')
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(self, directory, item=item, args=args)
+    async def disk_fills(self, item, directory):
+        if directory.name.startswith(checkpoint.DATA_POSITION):
+            calls.append(directory)
+            if len(calls) == 2:  # the second checkpoint (step 4) runs out of space
+                (directory / "partial.json").write_text('{"trunc')
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return await real_save(self, item, directory)
 
-    monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", disk_fills)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_fills)
     with pytest.raises(checkpoint.CheckpointWriteError) as raised:
         training.train_and_evaluate(config, str(tmp_path))
     message = str(raised.value)
@@ -335,7 +336,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
     assert raised.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path / "checkpoints") == ["2"]  # the torn step 4 was removed
 
-    monkeypatch.setattr(grain.checkpoint.CheckpointHandler, "save", real_save)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", real_save)
     state = training.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 6
 
@@ -348,8 +349,8 @@ def inject_nan_batch(monkeypatch, at_step: int):
     """Makes the `at_step`-th batch (1-based) the data iterator yields hold one NaN pixel."""
     real_create = trainer.create_data_iterator
 
-    def create_data_iterator(config):
-        iterator = real_create(config)
+    def create_data_iterator(config, *args, **kwargs):
+        iterator = real_create(config, *args, **kwargs)
         real_next = type(iterator).__next__
         count = [0]
 

@@ -347,6 +347,15 @@ def test_batch_and_mesh_errors_name_both_numbers():
         sharding.check_global_batch(12, mesh)
     with pytest.raises(ValueError, match="3 x fsdp=2"):
         sharding.create_mesh(3, 2)
+    # Resuming a checkpointed run on a device count its batch does not divide: say both ways out.
+    config = smoke_config(global_batch_size=12)
+
+    class Checkpoints:
+        def all_steps(self):
+            return [4, 8]
+
+    with pytest.raises(ValueError, match=r"not divisible by the 8.*steps \[4, 8\].*divides 12"):
+        trainer.check_batch_fits(config, mesh, Checkpoints())
 
 
 def test_bad_labels_and_shapes_are_explained():

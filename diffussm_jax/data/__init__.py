@@ -10,11 +10,14 @@ from diffussm_jax.data.embedded_digits import (
 from diffussm_jax.data.input_pipeline import (
     CorruptRecordError,
     DatasetNotPreparedError,
+    GlobalOrderSampler,
+    create_global_loader,
     create_loader,
     create_loader_from_source,
     make_global_batch,
     open_data_source,
     per_process_batch_size,
+    process_rows,
 )
 from diffussm_jax.data.preprocessing import adm_center_crop, to_model_range
 
@@ -24,7 +27,9 @@ __all__ = [
     "CorruptRecordError",
     "DatasetNotPreparedError",
     "EmbeddedDigits",
+    "GlobalOrderSampler",
     "adm_center_crop",
+    "create_global_loader",
     "create_loader",
     "create_loader_from_source",
     "default_data_dir",
@@ -32,5 +37,6 @@ __all__ = [
     "open_data_source",
     "per_process_batch_size",
     "prepare_embedded_digits",
+    "process_rows",
     "to_model_range",
 ]

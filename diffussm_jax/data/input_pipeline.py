@@ -7,18 +7,26 @@
     state = iterator.get_state()         # bytes; iterator.set_state(state) resumes exactly
     global_batch = make_global_batch(batch, mesh)
 
-Sharding: records are split into `process_count` contiguous, disjoint blocks (grain's
-`ShardOptions`); each process shuffles its block with a per-epoch permutation derived from
-`seed`, repeats forever (or `num_epochs` times) and batches. Per-example randomness (the flip)
-is drawn from a generator seeded by (seed, position in the stream), so a resumed iterator
-reproduces it. The pipeline never downloads: datasets other than the embedded digits must be
-prepared in `data_dir` beforehand, in the array_record format.
+Two ways to split the data over processes:
+  * `create_loader` (evaluation, latents): records are split into `process_count` contiguous,
+    disjoint blocks (grain's `ShardOptions`); each process shuffles its block with a per-epoch
+    permutation derived from `seed`, repeats forever (or `num_epochs` times) and batches.
+  * `create_global_loader` (training): one global example stream, the same on any number of
+    processes: all records shuffled per epoch with `seed`; global batch k is stream positions
+    [start + k G, start + (k + 1) G), and each process reads the rows of it that its devices
+    hold (`process_rows`). The data position is one number, the stream position, so a run
+    checkpointed on P processes x D devices resumes on P' x D' with the same global batches.
+    On one process it yields exactly `create_loader`'s batches.
+Per-example randomness (the flip) is drawn from a generator seeded by (seed, position in the
+stream), so a resumed iterator reproduces it. The pipeline never downloads: datasets other than
+the embedded digits must be prepared in `data_dir` beforehand, in the array_record format.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -296,6 +304,156 @@ def create_loader(
         drop_remainder=drop_remainder,
         process_index=process_index,
         process_count=process_count,
+        worker_count=worker_count,
+        read_options=read_options,
+    )
+
+
+class GlobalOrderSampler:
+    """This process's share of a global example stream that does not depend on the topology.
+
+    The stream is grain's `IndexSampler` over all records as one shard: each epoch a fresh
+    permutation from `seed`, and for stream position j the per-example generator
+    Philox(seed + j). Global batch k covers positions [start + k G, start + (k + 1) G); this
+    process reads rows `rows` of each, so its element i is position
+    start + (i // b) G + rows[i % b], with b = len(rows). Implements grain's sampler protocol.
+    """
+
+    def __init__(
+        self,
+        num_records: int,
+        *,
+        global_batch_size: int,
+        rows: Sequence[int],
+        start: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+    ):
+        self._rows = np.asarray(rows, np.int64)
+        if start < 0 or len(self._rows) == 0:
+            raise ValueError(f"start={start} must be >= 0 and rows must not be empty.")
+        if self._rows.min() < 0 or self._rows.max() >= global_batch_size:
+            raise ValueError(f"rows {rows} must lie in [0, global_batch_size={global_batch_size}).")
+        self._global_batch_size = global_batch_size
+        self._start = start
+        self._stream = grain.samplers.IndexSampler(
+            num_records=num_records,
+            # One shard of all records: exactly the stream `create_loader` reads on one process.
+            shard_options=grain.sharding.ShardOptions(
+                shard_index=0, shard_count=1, drop_remainder=True
+            ),
+            shuffle=shuffle,
+            num_epochs=num_epochs,
+            seed=seed,
+        )
+        stream_length = len(self._stream)
+        if stream_length == sys.maxsize:
+            self._length = sys.maxsize
+        else:  # whole global batches only, as drop_remainder=True
+            self._length = max(0, (stream_length - start) // global_batch_size) * len(self._rows)
+        self._description = (
+            f"GlobalOrderSampler(num_records={num_records}, global_batch_size="
+            f"{global_batch_size}, rows={self._rows.tolist()}, start={start}, seed={seed}, "
+            f"shuffle={shuffle}, num_epochs={num_epochs})"
+        )
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        return self._description
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} outside [0, {self._length})")
+        batch, row = divmod(index, len(self._rows))
+        position = self._start + batch * self._global_batch_size + int(self._rows[row])
+        stream = self._stream[position]
+        return grain.RecordMetadata(index=index, record_key=stream.record_key, rng=stream.rng)
+
+
+def process_rows(
+    mesh: Mesh, global_batch_size: int, partition_spec: PartitionSpec | None = None
+) -> np.ndarray:
+    """Rows of a (global_batch_size, ...) array sharded by `partition_spec` that this process's
+    devices hold, sorted: the order in which `make_global_batch` places this process's batch.
+
+    Returns:
+      (global_batch_size // share,) int64 row indices, for any mesh and process layout.
+    """
+    if partition_spec is None:
+        partition_spec = PartitionSpec(mesh.axis_names)
+    sharding = NamedSharding(mesh, partition_spec)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return np.asarray(sorted(rows), np.int64)
+
+
+def create_global_loader(
+    name: str = embedded_digits.NAME,
+    *,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    global_batch_size: int,
+    rows: Sequence[int],
+    start: int = 0,
+    seed: int = 0,
+    image_key: str = "image",
+    label_key: str | None = "label",
+    image_size: int | None = None,
+    random_flip: bool = False,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    read_options: grain.ReadOptions | None = None,
+    source: Sequence[Mapping[str, Any]] | None = None,
+) -> grain.DataLoader:
+    """This process's rows of the global batches of a prepared tfds dataset (training).
+
+    Args:
+      global_batch_size: G, examples per global batch (all processes together).
+      rows: the rows of each global batch this process reads (`process_rows(mesh, G)`);
+        `range(G)` on one process.
+      start: stream position of the first example (the data position of a resumed run:
+        examples already consumed).
+      source: read this random-access source instead of opening `name` (tests).
+      Others: as `create_loader`.
+
+    Returns:
+      A grain DataLoader yielding {"image": (len(rows), H, W, C) float32, "label":
+      (len(rows),) int32}: the same global batches, in the same order, on any number of
+      processes, since element i is stream position start + (i // b) G + rows[i % b].
+    """
+    if name == embedded_digits.NAME and random_flip:
+        raise ValueError("random_flip must be False for embedded_digits: digits are not symmetric.")
+    if source is None:
+        source = open_data_source(name, split=split, data_dir=data_dir)
+    if len(source) < global_batch_size:
+        raise ValueError(
+            f"The dataset holds {len(source)} records, fewer than global_batch_size="
+            f"{global_batch_size}."
+        )
+    checked = _CheckedSource(source, image_key, label_key)
+    checked[0]  # fail at construction, not at the first batch, on a wrong image_key / label_key
+    sampler = GlobalOrderSampler(
+        len(source),
+        global_batch_size=global_batch_size,
+        rows=rows,
+        start=start,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+    )
+    return grain.DataLoader(
+        data_source=checked,
+        sampler=sampler,
+        operations=[
+            _Preprocess(image_size, random_flip),
+            grain.transforms.Batch(batch_size=len(rows), drop_remainder=True),
+        ],
+        shard_options=grain.sharding.NoSharding(),
         worker_count=worker_count,
         read_options=read_options,
     )

@@ -1,9 +1,11 @@
-"""Orbax checkpoints of the train state, the data iterator position and the config.
+"""Orbax checkpoints of the train state, the data position and the config.
 
 Each step directory holds three items: `state` (the sharded TrainState, written cooperatively by
-all processes), `data` (each process's grain iterator state) and `config` (JSON). Saving is
-asynchronous. A step is written under `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only
-once complete, so a kill at any moment leaves no step that looks complete but is not.
+all processes), `data_position` (JSON: how many examples of the global example stream the run
+has consumed; one number for the whole job, so a run resumes on any number of processes and
+devices, see `trainer.create_data_iterator`) and `config` (JSON). Saving is asynchronous.
+A step is written under `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only once
+complete, so a kill at any moment leaves no step that looks complete but is not.
 
 What a kill can leave behind, and what the training job (`owner=True`) does with it on restart:
   * a half-written `<step>.orbax-checkpoint-tmp`: logged and removed; the newest complete step
@@ -26,7 +28,6 @@ import os
 import shutil
 from typing import Any
 
-import grain
 import jax
 import ml_collections
 import numpy as np
@@ -34,7 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-STATE, DATA, CONFIG = "state", "data", "config"
+STATE, DATA_POSITION, CONFIG = "state", "data_position", "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step (or item) still being written
 DELETED_DIR = "deleted"  # old steps are renamed here, then removed (never a step name)
 UNREADABLE_DIR = "unreadable"  # complete steps that failed to restore, kept for inspection
@@ -53,7 +54,7 @@ class CheckpointWriteError(OSError):
 
 
 class Checkpointer:
-    """Save / restore `TrainState` + data iterator + config under `<workdir>/checkpoints`.
+    """Save / restore `TrainState` + data position + config under `<workdir>/checkpoints`.
 
     Args:
       workdir: the run directory; checkpoints live in `<workdir>/checkpoints`.
@@ -104,7 +105,7 @@ class Checkpointer:
             ),
             item_handlers={
                 STATE: ocp.StandardCheckpointHandler(),
-                DATA: grain.checkpoint.CheckpointHandler(),
+                DATA_POSITION: ocp.JsonCheckpointHandler(),
                 CONFIG: ocp.JsonCheckpointHandler(),
             },
         )
@@ -119,12 +120,16 @@ class Checkpointer:
         self,
         step: int,
         state: Any,
-        data_iterator: Any | None,
+        data_position: dict[str, int] | None,
         config: ml_collections.ConfigDict,
         *,
         force: bool = False,
     ) -> bool:
         """Starts writing `step` (returns before the write ends when async).
+
+        Args:
+          data_position: JSON-able position of the global example stream after `step`
+            (`trainer.data_position`), or None.
 
         Raises:
           CheckpointWriteError: this or the previous (in-flight) write failed, e.g. disk full.
@@ -134,8 +139,8 @@ class Checkpointer:
             STATE: ocp.args.StandardSave(state),
             CONFIG: ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
         }
-        if data_iterator is not None:
-            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        if data_position is not None:
+            items[DATA_POSITION] = ocp.args.JsonSave(data_position)
         if self.owner and jax.process_index() == 0:
             self._empty_deleted()
         try:
@@ -187,10 +192,8 @@ class Checkpointer:
             + (f" from step {previous}." if previous is not None else "."),
         )
 
-    def restore(
-        self, abstract_state: Any, data_iterator: Any | None = None, step: int | None = None
-    ) -> tuple[Any, int]:
-        """Restores into `abstract_state`'s shapes and shardings (any mesh); moves the iterator.
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+        """Restores into `abstract_state`'s shapes and shardings (any mesh).
 
         With `step` unset, the newest step that restores is used: a step that fails to read is
         logged and skipped (and, for the owner, moved to `unreadable/` once an older step has
@@ -217,8 +220,6 @@ class Checkpointer:
             try:
                 self._check_compatible(candidate, abstract_state)
                 items = {STATE: ocp.args.StandardRestore(abstract_state)}
-                if data_iterator is not None:
-                    items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
                 restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
             except CheckpointMismatchError:
                 raise
@@ -245,6 +246,16 @@ class Checkpointer:
             "config changed, use the config saved with the run (<workdir>/config.json); "
             "otherwise start a new --workdir."
         ) from failures[0][1]
+
+    def data_position(self, step: int) -> dict[str, int] | None:
+        """The data position saved with `step`; None for checkpoints written before it was
+        saved (they hold one grain iterator state per process instead, in `data/`)."""
+        if not os.path.exists(os.path.join(self.directory, str(step), DATA_POSITION)):
+            return None
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{DATA_POSITION: ocp.args.JsonRestore()})
+        )
+        return dict(restored[DATA_POSITION])
 
     def _check_compatible(self, step: int, abstract_state: Any) -> None:
         """Names every parameter whose shape differs, instead of orbax's first-failure error."""

@@ -175,12 +175,32 @@ def create_experiment(config: ml_collections.ConfigDict, mesh, model=None) -> Ex
     return Experiment(model, diffusion, tx, mesh, state, step_fn)
 
 
-def create_data_iterator(config: ml_collections.ConfigDict):
-    loader = data.create_loader(
+def create_data_iterator(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, start: int = 0
+):
+    """This process's batches of the global example stream, from stream position `start`.
+
+    The stream does not depend on the topology (`data.create_global_loader`): each process
+    reads the rows of global batch k that its devices of `mesh` hold, so a run resumed on
+    another number of processes or devices sees the same global batches. `mesh` may be None
+    on one process (all rows).
+    """
+    global_batch_size = config.global_batch_size
+    if mesh is not None:
+        rows = data.process_rows(
+            mesh, global_batch_size, jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+        )
+    elif jax.process_count() == 1:
+        rows = np.arange(global_batch_size)
+    else:
+        raise ValueError("create_data_iterator needs the mesh when running on several processes.")
+    loader = data.create_global_loader(
         config.data.name,
         split=config.data.split,
         data_dir=config.data.data_dir,
-        per_process_batch_size=data.per_process_batch_size(config.global_batch_size),
+        global_batch_size=global_batch_size,
+        rows=rows,
+        start=start,
         seed=config.seed,
         image_key=config.data.image_key,
         label_key=config.data.label_key,
@@ -189,6 +209,66 @@ def create_data_iterator(config: ml_collections.ConfigDict):
         worker_count=config.data.worker_count,
     )
     return iter(loader)
+
+
+def resume_position(
+    config: ml_collections.ConfigDict, saved: dict[str, int] | None, step: int
+) -> int:
+    """The stream position to resume from: the saved one, or for checkpoints written before it
+    was saved (they hold one grain state per process), `step` global batches in."""
+    if saved is None:
+        position = step * config.global_batch_size
+        logging.warning(
+            "Checkpoint step %d has no global data position (written by an older version, with "
+            "one data state per process); continuing the global example stream at %d examples "
+            "(step x global_batch_size).",
+            step,
+            position,
+        )
+        return position
+    if (saved["process_count"], saved["device_count"]) != (
+        jax.process_count(),
+        jax.device_count(),
+    ):
+        logging.info(
+            "Resuming a run checkpointed on %d process(es) x %d device(s) as %d x %d: the same "
+            "global batches from example %d on.",
+            saved["process_count"],
+            saved["device_count"] // saved["process_count"],
+            jax.process_count(),
+            jax.local_device_count(),
+            saved["examples"],
+        )
+    return int(saved["examples"])
+
+
+def data_position(config: ml_collections.ConfigDict, examples: int) -> dict[str, int]:
+    """What a checkpoint records of the data: the examples of the global stream consumed, and
+    the topology and batch that consumed them (for the logs of a resumed run)."""
+    return {
+        "examples": int(examples),
+        "global_batch_size": int(config.global_batch_size),
+        "seed": int(config.seed),
+        "process_count": jax.process_count(),
+        "device_count": jax.device_count(),
+    }
+
+
+def check_batch_fits(config: ml_collections.ConfigDict, mesh, checkpointer) -> None:
+    """`sharding.check_global_batch`, saying what to do when a checkpointed run is resumed on a
+    device count that its global batch does not divide."""
+    try:
+        sharding.check_global_batch(config.global_batch_size, mesh)
+    except ValueError as error:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise
+        raise ValueError(
+            f"{error} This workdir holds checkpoints (steps {steps}), which restore on any "
+            f"device count: resume on a device count that divides {config.global_batch_size} "
+            "(the run's global batch; keeping it keeps the run's example order), or pass a "
+            "--config.global_batch_size that this one divides."
+        ) from error
 
 
 def global_batch(local: dict[str, np.ndarray], config, mesh) -> dict[str, jax.Array]:
@@ -253,7 +333,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             "drops a step with a NaN/Inf loss or gradient, 'stop' ends training there."
         )
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    sharding.check_global_batch(config.global_batch_size, mesh)
+    checkpointer = checkpoint.Checkpointer(
+        workdir,
+        keep=config.keep_checkpoints,
+        keep_every_steps=config.keep_every_steps,
+        owner=True,
+    )
+    check_batch_fits(config, mesh, checkpointer)
     if jax.process_count() > 1:  # one process: the config summary names the devices
         distributed.log_topology(mesh)
 
@@ -261,20 +347,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     diffusion = create_diffusion(config)
     check_samplers(config, diffusion)
     tx = train_state.create_optimizer(config)
-    checkpointer = checkpoint.Checkpointer(
-        workdir,
-        keep=config.keep_checkpoints,
-        keep_every_steps=config.keep_every_steps,
-        owner=True,
-    )
-    data_iterator = create_data_iterator(config)
 
     abstract_state, state_shardings = train_state.abstract_train_state(config, model, tx, mesh)
     if checkpointer.latest_step() is not None:
-        state, start_step = checkpointer.restore(abstract_state, data_iterator)
+        state, start_step = checkpointer.restore(abstract_state)
+        start_example = resume_position(config, checkpointer.data_position(start_step), start_step)
     else:
         state, _ = train_state.create_train_state(config, model, tx, mesh)
-        start_step = 0
+        start_step, start_example = 0, 0
+    data_iterator = create_data_iterator(config, mesh, start_example)
     config_path = os.path.join(workdir, "config.json")
     if jax.process_index() == 0:
         write_atomically(config_path, config.to_json_best_effort(indent=2))
@@ -334,7 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             # On CPU, orbax's "device to host" transfer can alias the device buffers, which the
             # next train step donates while the async write may still read them: save a copy.
             to_save = jax.tree.map(lambda x: x.copy(), state)
-        checkpointer.save(step, to_save, data_iterator, config, force=force)
+        examples = start_example + (step - start_step) * config.global_batch_size
+        checkpointer.save(step, to_save, data_position(config, examples), config, force=force)
 
     step = start_step
     try:
