@@ -26,6 +26,8 @@ import errno
 import json
 import os
 import shutil
+import threading
+import time
 from typing import Any
 
 import jax
@@ -51,6 +53,27 @@ class CheckpointStepNotFoundError(FileNotFoundError):
 
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (e.g. the disk is full); earlier checkpoints are intact."""
+
+
+def _join_orbax_writers(timeout_s: float = 300.0) -> None:
+    """Waits for orbax's writer threads after a failed save.
+
+    orbax reports the first item that fails at once, while the other items' writes (the state's
+    arrays, then its metadata) go on in background threads; left running, they recreate the
+    half-written step after it has been removed. orbax has no public call for this, so its
+    thread class is looked up defensively: if it moves, this waits for nothing.
+    """
+    try:
+        from orbax.checkpoint._src.futures import future as orbax_future
+    except ImportError:
+        return
+    writer_class = getattr(orbax_future, "_SignalingThread", None)
+    if writer_class is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if isinstance(thread, writer_class) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class Checkpointer:
@@ -169,6 +192,7 @@ class Checkpointer:
             self.manager.wait_until_finished()  # no writer thread may still be in the step
         except Exception:  # the same failure, already being reported
             pass
+        _join_orbax_writers()
         if self.owner and jax.process_index() == 0:
             self._remove_half_written(quiet=True)
         self.manager.reload()
