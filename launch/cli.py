@@ -72,12 +72,14 @@ def describe(error: Exception, args: list[str]) -> str:
     if isinstance(error, (AttributeError, KeyError)) and field:
         name, hint = field.group(1), field.group(2).strip()
         culprit = next((a for a in args if re.match(rf"--config\.(\S+\.)?{name}=", a)), None)
-        where = f"{culprit}: " if culprit else ""
-        hint = re.sub(r' instead of "[^"]+"', "", hint)
-        return (
-            f"{where}the config has no field {name!r}. {hint} Overrides are "
-            "--config.FIELD=VALUE with FIELD from the config file (configs/base.py lists them)."
-        ).replace("  ", " ")
+        sentences = [
+            f"the config has no field {name!r}.",
+            re.sub(r' instead of "[^"]+"', "", hint),  # the did-you-mean, if any
+            "Overrides are --config.FIELD=VALUE with FIELD from the config file "
+            "(configs/base.py lists them).",
+        ]
+        message = " ".join(sentence for sentence in sentences if sentence)
+        return f"{culprit}: {message}" if culprit else message
     return text
 
 

@@ -210,9 +210,6 @@ def create_loader_from_source(
             f"Each of {process_count} processes holds {records_per_process} of {num_records} "
             f"records, fewer than per_process_batch_size={per_process_batch_size}."
         )
-    checked = _CheckedSource(source, image_key, label_key)
-    # Fail at construction, not at the first batch, on a wrong image_key / label_key.
-    checked[0]
     # Shard drop_remainder keeps every process at the same number of batches per epoch, which
     # multi-host eval loops rely on; it drops at most process_count - 1 records.
     shard_options = grain.sharding.ShardOptions(
@@ -225,14 +222,45 @@ def create_loader_from_source(
         num_epochs=num_epochs,
         seed=seed,
     )
+    return _batched_loader(
+        source,
+        sampler,
+        shard_options,
+        batch_size=per_process_batch_size,
+        drop_remainder=drop_remainder,
+        image_key=image_key,
+        label_key=label_key,
+        image_size=image_size,
+        random_flip=random_flip,
+        worker_count=worker_count,
+        read_options=read_options,
+    )
+
+
+def _batched_loader(
+    source,
+    sampler,
+    shard_options,
+    *,
+    batch_size: int,
+    drop_remainder: bool,
+    image_key: str,
+    label_key: str | None,
+    image_size: int | None,
+    random_flip: bool,
+    worker_count: int,
+    read_options: grain.ReadOptions | None,
+) -> grain.DataLoader:
+    """The loader both readers share: checked records, preprocessing, batching."""
+    checked = _CheckedSource(source, image_key, label_key)
+    # Fail at construction, not at the first batch, on a wrong image_key / label_key.
+    checked[0]
     return grain.DataLoader(
         data_source=checked,
         sampler=sampler,
         operations=[
             _Preprocess(image_size, random_flip),
-            grain.transforms.Batch(
-                batch_size=per_process_batch_size, drop_remainder=drop_remainder
-            ),
+            grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
         ],
         shard_options=shard_options,
         worker_count=worker_count,
@@ -408,7 +436,6 @@ def create_global_loader(
     num_epochs: int | None = None,
     worker_count: int = 0,
     read_options: grain.ReadOptions | None = None,
-    source: Sequence[Mapping[str, Any]] | None = None,
 ) -> grain.DataLoader:
     """This process's rows of the global batches of a prepared tfds dataset (training).
 
@@ -418,7 +445,6 @@ def create_global_loader(
         `range(G)` on one process.
       start: stream position of the first example (the data position of a resumed run:
         examples already consumed).
-      source: read this random-access source instead of opening `name` (tests).
       Others: as `create_loader`.
 
     Returns:
@@ -428,15 +454,12 @@ def create_global_loader(
     """
     if name == embedded_digits.NAME and random_flip:
         raise ValueError("random_flip must be False for embedded_digits: digits are not symmetric.")
-    if source is None:
-        source = open_data_source(name, split=split, data_dir=data_dir)
+    source = open_data_source(name, split=split, data_dir=data_dir)
     if len(source) < global_batch_size:
         raise ValueError(
             f"The dataset holds {len(source)} records, fewer than global_batch_size="
             f"{global_batch_size}."
         )
-    checked = _CheckedSource(source, image_key, label_key)
-    checked[0]  # fail at construction, not at the first batch, on a wrong image_key / label_key
     sampler = GlobalOrderSampler(
         len(source),
         global_batch_size=global_batch_size,
@@ -446,14 +469,16 @@ def create_global_loader(
         shuffle=shuffle,
         num_epochs=num_epochs,
     )
-    return grain.DataLoader(
-        data_source=checked,
-        sampler=sampler,
-        operations=[
-            _Preprocess(image_size, random_flip),
-            grain.transforms.Batch(batch_size=len(rows), drop_remainder=True),
-        ],
-        shard_options=grain.sharding.NoSharding(),
+    return _batched_loader(
+        source,
+        sampler,
+        grain.sharding.NoSharding(),
+        batch_size=len(rows),
+        drop_remainder=True,
+        image_key=image_key,
+        label_key=label_key,
+        image_size=image_size,
+        random_flip=random_flip,
         worker_count=worker_count,
         read_options=read_options,
     )
