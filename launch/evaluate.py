@@ -4,6 +4,7 @@ python -m launch.evaluate --workdir=runs/imagenet256 --num_samples=50000 --cfg_s
     --sampler=ddpm --steps=250 --inception=inception_fid.npz \
     --reference=VIRTUAL_imagenet256_labeled.npz
 python -m launch.evaluate --workdir=runs/quickstart --num_samples=200 --labels=balanced
+python -m launch.evaluate --workdir=gs://bucket/run --step=400000 ...   # a milestone checkpoint
 
 Resumable: rerun the same command after an interruption and finished batches are kept.
 Multi-process: run the same command on every host, as launch.train (launch/multiprocess.py).
@@ -21,7 +22,7 @@ from diffussm_jax.training import checkpoint, evaluate_workdir
 from launch import cli, console, multiprocess
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
+flags.DEFINE_string("workdir", None, "A directory written by launch.train (local or gs://).")
 flags.DEFINE_integer("num_samples", 50_000, "Number of samples (FID-50K: 50000).")
 flags.DEFINE_string("sampler", None, "ddpm | ddim | dpm++2m (default: the run's config).")
 flags.DEFINE_integer("steps", None, "Sampling steps (default: the run's config).")
@@ -74,4 +75,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(checkpoint.CheckpointStepNotFoundError,))
+    cli.run(
+        main,
+        user_errors=(
+            checkpoint.CheckpointStepNotFoundError,
+            checkpoint.UnsupportedCheckpointLocation,
+        ),
+    )

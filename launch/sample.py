@@ -4,6 +4,8 @@
         --sampler=dpm++2m --steps=25 --cfg_scale=2 --labels=0,1,2 --seed=0
     python -m launch.sample --workdir=runs/imagenet256 --num_samples=64 --output=s.npz \
         --vae=weights/sd-vae-ft-ema      # latent models: the VAE that decodes (docs/latents.md)
+    python -m launch.sample --workdir=gs://bucket/run --step=100000 --output=gs://bucket/s.npz
+        # a milestone checkpoint (config.keep_every_steps) of a run in a bucket
 """
 
 from absl import app, flags
@@ -12,7 +14,7 @@ from diffussm_jax.training import checkpoint, sample_workdir
 from launch import cli, console
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A directory written by launch.train.")
+flags.DEFINE_string("workdir", None, "A directory written by launch.train (local or gs://).")
 flags.DEFINE_integer("num_samples", 64, "Number of samples.")
 flags.DEFINE_string("output", None, "Output .npz path (a PNG grid is written beside it).")
 flags.DEFINE_string(
@@ -60,4 +62,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(checkpoint.CheckpointStepNotFoundError,))
+    cli.run(
+        main,
+        user_errors=(
+            checkpoint.CheckpointStepNotFoundError,
+            checkpoint.UnsupportedCheckpointLocation,
+        ),
+    )

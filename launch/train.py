@@ -22,11 +22,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffussm_jax import training
+from diffussm_jax.training import checkpoint
 from launch import cli, console, multiprocess
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and samples (local or gs://bucket/...)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, user_errors=(checkpoint.UnsupportedCheckpointLocation,))

@@ -27,12 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import storage_server
 
 from configs import quickstart
-from diffussm_jax import data, training
+from diffussm_jax import data, files, training
 from diffussm_jax.data import input_pipeline
 from diffussm_jax.evaluation import digits
-from diffussm_jax.training import checkpoint, sharding, train_state, train_step, trainer
+from diffussm_jax.training import (
+    checkpoint,
+    sharding,
+    train_state,
+    train_step,
+    trainer,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
@@ -76,7 +83,7 @@ def assert_trees_equal(a, b):
 # 1. kill -9 at random moments, including mid-checkpoint; SIGTERM; exact resume.
 
 
-def crash_command(workdir: Path) -> list[str]:
+def crash_command(workdir: str) -> list[str]:
     """The one command every (re)start runs."""
     return [
         sys.executable,
@@ -92,50 +99,58 @@ def crash_command(workdir: Path) -> list[str]:
     ]
 
 
-def crash_env() -> dict[str, str]:
+def crash_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)  # keeps conftest's platform and compilation cache
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # one CPU device: a fast first checkpoint, as on a laptop
+    env.update(extra or {})
     return env
 
 
-def start_training(workdir: Path, log_path: Path) -> subprocess.Popen:
+def start_training(workdir: str, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            crash_command(workdir), cwd=REPO, env=crash_env(), stdout=subprocess.DEVNULL, stderr=log
+            crash_command(workdir), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log
         )
 
 
-def logged_steps(workdir: Path) -> int:
-    """Lines in metrics.jsonl (one per step with log_every_steps=1, appended by every run)."""
-    path = workdir / "metrics.jsonl"
-    return path.read_text().count("\n") if path.exists() else 0
+def metrics_lines(workdir: str) -> list[str]:
+    """metrics.jsonl's lines (one per step with log_every_steps=1, appended by every run)."""
+    path = files.join(workdir, "metrics.jsonl")
+    try:
+        return files.read_text(path).splitlines()
+    except FileNotFoundError:
+        return []
 
 
-def current_step(workdir: Path) -> int:
+def logged_steps(workdir: str) -> int:
+    return len(metrics_lines(workdir))
+
+
+def current_step(workdir: str) -> int:
     """The step of the last line in metrics.jsonl (0 before the first)."""
-    path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = metrics_lines(workdir)
     found = re.findall(r'"step": (\d+)', lines[-1]) if lines else []
     return int(found[-1]) if found else 0
 
 
-def tmp_entries(workdir: Path) -> list[str]:
-    directory = workdir / "checkpoints"
-    return [n for n in os.listdir(directory) if TMP in n] if directory.is_dir() else []
+def tmp_entries(workdir: str) -> list[str]:
+    """Steps being written (or left half-written): `<step>.orbax-checkpoint-tmp...` on local
+    disk, `<step>/` without its commit file on object storage."""
+    return checkpoint.half_written(files.join(workdir, "checkpoints"))
 
 
-def wait_until(process, condition, what: str, timeout: float = START_TIMEOUT_S) -> None:
+def wait_until(process, condition, what: str, timeout: float, poll: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert process.poll() is None, f"training exited (rc {process.returncode}) before {what}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
+        time.sleep(poll)
 
 
-def check_every_checkpoint_restores(workdir: Path, abstract) -> list[int]:
+def check_every_checkpoint_restores(workdir: str, abstract) -> list[int]:
     """Each step directory restores (read-only: a reader must not clean anything up)."""
-    reader = checkpoint.Checkpointer(str(workdir))
+    reader = checkpoint.Checkpointer(workdir)
     try:
         steps = reader.all_steps()
         for step in steps:
@@ -144,24 +159,24 @@ def check_every_checkpoint_restores(workdir: Path, abstract) -> list[int]:
             assert not checkpoint.nonfinite_leaves(state)
     finally:
         reader.close()
-    names = os.listdir(workdir / "checkpoints")
+    names = files.listdir(files.join(workdir, "checkpoints"))
     unexpected = [n for n in names if not (n.isdigit() or TMP in n or n == checkpoint.DELETED_DIR)]
     assert not unexpected, unexpected
     return steps
 
 
-def restore_latest(workdir: Path, abstract):
-    reader = checkpoint.Checkpointer(str(workdir))
+def restore_latest(workdir: str, abstract):
+    reader = checkpoint.Checkpointer(workdir)
     try:
         return reader.restore(abstract)
     finally:
         reader.close()
 
 
-def test_kill9_at_random_moments_then_resume_is_exact(tmp_path):
-    """Interrupt one training run 4 times (SIGKILL mid-checkpoint-write and mid-step, SIGTERM),
-    restarting the same command each time; the final state equals an uninterrupted run's
-    bitwise, and no checkpoint directory is ever left that fails to restore."""
+def kill_and_resume_exactly(workdir: str, tmp_path: Path, env: dict[str, str], poll: float):
+    """Interrupts one training run in `workdir` 4 times (SIGKILL mid-checkpoint-write and
+    mid-step, SIGTERM), restarting the same command each time; the final state must equal an
+    uninterrupted run's (local workdir) bitwise, and no checkpoint may ever fail to restore."""
     trainer.create_data_iterator(crash_config())  # build the dataset before two runs read it
     abstract = abstract_state(crash_config(), jax.devices()[:1])
     rng = random.Random(9)
@@ -170,7 +185,6 @@ def test_kill9_at_random_moments_then_resume_is_exact(tmp_path):
     # Interrupt once the run has reached these steps: spread over the run, so each restart
     # resumes from a later checkpoint (the last leaves room for a checkpoint write after it).
     targets = sorted(rng.sample(range(2, CRASH_STEPS - 3), len(plan)))
-    workdir = tmp_path / "run"
     reference_dir = tmp_path / "reference"
     reference = None
     mid_write_kills = 0
@@ -180,18 +194,32 @@ def test_kill9_at_random_moments_then_resume_is_exact(tmp_path):
         for attempt, (action, target) in enumerate(schedule):
             log_path = tmp_path / f"attempt{attempt}.log"
             before = logged_steps(workdir)
-            process = start_training(workdir, log_path)
+            process = start_training(workdir, log_path, env)
             try:
-                wait_until(process, lambda b=before: logged_steps(workdir) > b, "the first step")
+                wait_until(
+                    process,
+                    lambda b=before: logged_steps(workdir) > b,
+                    "the first step",
+                    START_TIMEOUT_S,
+                    poll,
+                )
                 if reference is None:  # now the compilation cache is warm: run alongside
                     reference_dir.mkdir()
-                    reference = start_training(reference_dir, tmp_path / "reference.log")
+                    reference = start_training(
+                        str(reference_dir), tmp_path / "reference.log", crash_env()
+                    )
                 if action != "finish":
                     wait_until(
-                        process, lambda t=target: current_step(workdir) >= t, f"step {target}", 120
+                        process,
+                        lambda t=target: current_step(workdir) >= t,
+                        f"step {target}",
+                        120,
+                        poll,
                     )
                 if action == "write":
-                    wait_until(process, lambda: tmp_entries(workdir), "a checkpoint write", 120)
+                    wait_until(
+                        process, lambda: tmp_entries(workdir), "a checkpoint write", 120, poll
+                    )
                     time.sleep(rng.uniform(0.0, 0.1))
                     process.kill()
                 elif action == "step":
@@ -218,7 +246,7 @@ def test_kill9_at_random_moments_then_resume_is_exact(tmp_path):
                 assert int(stopped.group(1)) in check_every_checkpoint_restores(workdir, abstract)
             left = tmp_entries(workdir)
             mid_write_kills += bool(action == "write" and left)
-            expect_cleanup_of = [str(workdir / "checkpoints" / name) for name in left]
+            expect_cleanup_of = [files.join(workdir, "checkpoints", name) for name in left]
             steps = check_every_checkpoint_restores(workdir, abstract)
             assert len(steps) <= smoke_config().keep_checkpoints
         assert reference.wait(timeout=START_TIMEOUT_S) == 0
@@ -230,9 +258,33 @@ def test_kill9_at_random_moments_then_resume_is_exact(tmp_path):
     assert mid_write_kills >= 1, "no kill landed while a checkpoint was being written"
     assert steps[-1] == CRASH_STEPS
     final, _ = restore_latest(workdir, abstract)
-    expected, expected_step = restore_latest(reference_dir, abstract)
+    expected, expected_step = restore_latest(str(reference_dir), abstract)
     assert expected_step == CRASH_STEPS
     assert_trees_equal(final, expected)
+
+
+def test_kill9_at_random_moments_then_resume_is_exact(tmp_path):
+    """Local workdir: see `kill_and_resume_exactly`."""
+    kill_and_resume_exactly(str(tmp_path / "run"), tmp_path, crash_env(), poll=0.005)
+
+
+def test_kill9_resume_is_exact_with_the_workdir_in_a_bucket(tmp_path, monkeypatch):
+    """The same kills and restarts with `--workdir=gs://...` on a GCS emulator (fake-gcs-server,
+    started and stopped here): checkpoints through tensorstore, metrics.jsonl, TensorBoard
+    events and config.json through the object-storage path layer. No rename exists there:
+    half-written steps are the ones without `commit_success.txt`."""
+    server = storage_server.FakeGCS(str(tmp_path / "fake_gcs.log"))
+    try:
+        for name, value in server.env.items():
+            monkeypatch.setenv(name, value)
+        workdir = f"gs://{storage_server.BUCKET}/kill9/run"
+        # Each poll is a few HTTP requests: every 50 ms keeps the server off the busy CPUs.
+        kill_and_resume_exactly(workdir, tmp_path, crash_env(server.env), poll=0.05)
+        names = files.listdir(workdir)
+        assert {"checkpoints", "config.json", "metrics.jsonl", "tb"} <= set(names), names
+        assert any(files.listdir(files.join(workdir, "tb"))), "no TensorBoard events"
+    finally:
+        server.stop()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,8 +86,18 @@ def open_data_source(
 
     Raises:
       DatasetNotPreparedError: the dataset is missing from data_dir or not array_record.
+      ValueError: data_dir is a bucket URL (training reads records from a local or mounted disk).
     """
     data_dir = os.fspath(data_dir) if data_dir is not None else embedded_digits.default_data_dir()
+    if data_dir.startswith(("gs://", "s3://")):
+        # array_record's reader (grain's random access) opens local files only; against a GCS
+        # emulator it never returns. Reading records at training speed wants a disk anyway.
+        raise ValueError(
+            f"data_dir={data_dir!r} is a bucket; training reads its records from a local or "
+            "mounted disk. Copy the dataset down (e.g. gcloud storage cp -r "
+            f"{data_dir.rstrip('/')}/{name} /data/tfds/{name}) or mount the bucket (gcsfuse), "
+            "and pass that directory (/data/tfds) as --config.data.data_dir."
+        )
     if name == embedded_digits.NAME:
         embedded_digits.prepare_embedded_digits(data_dir)
     try:

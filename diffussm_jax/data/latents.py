@@ -53,7 +53,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
 
-from diffussm_jax import console
+from diffussm_jax import console, files
 from diffussm_jax import vae as vae_lib
 from diffussm_jax.data.embedded_digits import default_data_dir
 from diffussm_jax.data.input_pipeline import open_data_source
@@ -197,7 +197,7 @@ class ShardPlan:
 
 
 def shard_path(version_dir: str, name: str, split: str, shard: int, num_shards: int) -> str:
-    return os.path.join(version_dir, f"{name}-{split}.array_record-{shard:05d}-of-{num_shards:05d}")
+    return files.join(version_dir, f"{name}-{split}.array_record-{shard:05d}-of-{num_shards:05d}")
 
 
 def latent_features(shape: Sequence[int], num_classes: int, dtype) -> tfds.features.FeaturesDict:
@@ -213,7 +213,7 @@ def latent_features(shape: Sequence[int], num_classes: int, dtype) -> tfds.featu
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with files.open(path, "rb") as f:
         for block in iter(functools.partial(f.read, 1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -222,10 +222,9 @@ def file_sha256(path: str) -> str:
 def _check_manifest(version_dir: str, manifest: dict[str, Any]) -> None:
     """Writes extraction.json, or checks that an earlier run used the same settings."""
     manifest = json.loads(json.dumps(manifest))  # compare as stored (tuples become lists)
-    path = os.path.join(version_dir, MANIFEST_NAME)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
+    path = files.join(version_dir, MANIFEST_NAME)
+    if files.exists(path):
+        previous = json.loads(files.read_text(path))
         differences = {
             key: (previous.get(key), manifest[key])
             for key in manifest
@@ -238,10 +237,7 @@ def _check_manifest(version_dir: str, manifest: dict[str, Any]) -> None:
                 "--output_name, or delete the directory to start over."
             )
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, path)
+    files.write_atomically(path, json.dumps(manifest, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,8 +350,8 @@ def extract_latents(
     latent_shape = (resolution // factor, resolution // factor, model.config.latent_channels)
     features = latent_features(latent_shape, images_source.num_classes, latent_dtype)
 
-    version_dir = os.path.join(output_data_dir, output_name, VERSION)
-    os.makedirs(version_dir, exist_ok=True)
+    version_dir = files.join(files.resolve(output_data_dir), output_name, VERSION)
+    files.makedirs(version_dir)
     _check_manifest(
         version_dir,
         dict(
@@ -369,13 +365,13 @@ def extract_latents(
             latent_dtype=latent_dtype,
             stored="posterior mean, unscaled; records 2i / 2i+1: image i / its mirror",
             vae_config=dataclasses.asdict(model.config),
-            vae_weights_sha256=file_sha256(os.path.join(vae_path, vae_lib.weights.WEIGHTS_NAME)),
+            vae_weights_sha256=file_sha256(files.join(vae_path, vae_lib.weights.WEIGHTS_NAME)),
         ),
     )
 
     mine = plan.shards_of_process(process_index, process_count)
     path = lambda shard: shard_path(version_dir, output_name, split, shard, plan.num_shards)
-    skipped = [shard for shard in mine if os.path.exists(path(shard))]
+    skipped = [shard for shard in mine if files.exists(path(shard))]
     todo = [shard for shard in mine if shard not in skipped]
     if max_shards is not None:
         todo = todo[:max_shards]
@@ -458,13 +454,14 @@ def extract_latents(
 
 
 def _write_records(path: str, records: list[bytes]) -> None:
-    """Writes one shard under a temporary name, then renames it: a shard is whole or absent."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Writes one shard so that it is whole or absent: built in a local temporary file, then
+    renamed beside it (local disk) or uploaded in one piece (a bucket), see `files.publish`."""
+    tmp = files.local_temporary(path)
     writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
     for record in records:
         writer.write(record)
     writer.close()
-    os.replace(tmp, path)
+    files.publish(tmp, path)
 
 
 def finalize(
@@ -479,7 +476,7 @@ def finalize(
     paths = [
         shard_path(version_dir, name, split, k, plan.num_shards) for k in range(plan.num_shards)
     ]
-    missing = [k for k, path in enumerate(paths) if not os.path.exists(path)]
+    missing = [k for k, path in enumerate(paths) if not files.exists(path)]
     if missing:
         logging.warning(
             "%s: %d of %d shards missing (e.g. %s); rerun the same command to finish them.",
@@ -489,14 +486,14 @@ def finalize(
             missing[:5],
         )
         return False
-    for stale in glob.glob(os.path.join(version_dir, "*.tmp-*")):
-        os.remove(stale)  # leftovers of interrupted writes
-    with open(os.path.join(version_dir, MANIFEST_NAME), encoding="utf-8") as f:
-        manifest = f.read()
+    for stale in files.listdir(version_dir):
+        if ".tmp" in stale:
+            files.remove(files.join(version_dir, stale))  # leftovers of interrupted writes
+    manifest = files.read_text(files.join(version_dir, MANIFEST_NAME))
     split_info = tfds.core.SplitInfo(
         name=split,
         shard_lengths=[2 * len(plan.images(k)) for k in range(plan.num_shards)],
-        num_bytes=sum(os.path.getsize(path) for path in paths),
+        num_bytes=sum(files.size(path) for path in paths),
     )
     tfds.folder_dataset.write_metadata(
         data_dir=version_dir,

@@ -45,7 +45,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from diffussm_jax import data
+from diffussm_jax import data, files
 from diffussm_jax.evaluation import metrics
 
 NUM_CLASSES = 10
@@ -235,13 +235,9 @@ def save_classifier(path: str, params, test_accuracy: float, config: ClassifierC
     arrays.update(_config_to_arrays(config))
     arrays["meta/version"] = np.asarray(CLASSIFIER_VERSION)
     arrays["meta/test_accuracy"] = np.asarray(test_accuracy)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    # A file object stops np.savez from appending ".npz" to the temporary name.
-    with open(temporary, "wb") as file:
-        np.savez(file, **arrays)
-    # Readers never see a half-written cache, even with concurrent test workers.
-    os.replace(temporary, path)
+    # Readers never see a half-written cache, even with concurrent test workers; `path` may
+    # be local or in a bucket.
+    files.save_npz(path, **arrays)
 
 
 def load_classifier(path: str, config: ClassifierConfig | None = None) -> tuple[dict, float]:
@@ -262,8 +258,7 @@ def load_classifier(path: str, config: ClassifierConfig | None = None) -> tuple[
         sep="/",
     )
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+        arrays = files.load_npz(path)
     except (zipfile.BadZipFile, EOFError, KeyError) as error:
         raise ValueError(f"unreadable: {error}") from error
     if int(arrays.get("meta/version", -1)) != CLASSIFIER_VERSION:
@@ -429,7 +424,8 @@ def load_or_train_classifier(
     """The cached classifier, trained first (and cached) when the file is missing or unusable.
 
     Args:
-      cache_path: weights file; None means `default_cache_path()`.
+      cache_path: weights file, local or in a bucket (`gs://...`); None means
+        `default_cache_path()`.
       config: training recipe. None accepts a valid cache trained with any recipe and trains
         with `ClassifierConfig()` when there is none; a given config retrains a cache that was
         trained differently.
@@ -437,7 +433,7 @@ def load_or_train_classifier(
     """
     cache_path = os.fspath(cache_path) if cache_path is not None else default_cache_path()
     loaded = None
-    if os.path.exists(cache_path):
+    if files.exists(cache_path):
         try:
             loaded = load_classifier(cache_path, config)
         except (OSError, ValueError) as error:

@@ -57,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffussm_jax import files
+
 INPUT_SIZE = 299
 NUM_LOGITS = 1008
 POOL_DIM = 2048
@@ -512,39 +514,34 @@ def save_variables(path: str | os.PathLike, flat: Mapping[str, np.ndarray]) -> N
     path = os.fspath(path)
     check_variables(flat, path)
     arrays = {name: np.ascontiguousarray(value, np.float32) for name, value in flat.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        temporary = path + ".tmp"
-        save_file(arrays, temporary)
+        files.write_atomically(path, save(arrays))
     elif path.endswith(".npz"):
-        temporary = path + ".tmp.npz"
-        np.savez(temporary, **arrays)
+        files.save_npz(path, **arrays)
     else:
         raise ValueError(f"{path}: the output name must end in .npz or .safetensors.")
-    os.replace(temporary, path)
 
 
 def _read_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
         try:
             from safetensors import SafetensorError
-            from safetensors.numpy import load_file
+            from safetensors.numpy import load
         except ImportError as error:
             raise ImportError(
                 f"Reading {path} needs the safetensors package (pip install safetensors), or "
                 "convert the weights to .npz instead."
             ) from error
         try:
-            return load_file(path)
+            return load(files.read_bytes(path))
         except (SafetensorError, OSError, ValueError) as error:
             raise InceptionWeightsError(
                 f"{path} is not a readable safetensors file ({error}); it may be truncated. "
                 "Re-run launch/convert_inception.py."
             ) from error
-    with open(path, "rb") as f:
+    with files.open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"PK\x03\x04":  # every .npz is a zip archive
         raise InceptionWeightsError(
@@ -552,8 +549,7 @@ def _read_file(path: str) -> dict[str, np.ndarray]:
             "Re-run launch/convert_inception.py."
         )
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        return files.load_npz(path)
     except ValueError as error:
         if "allow_pickle" in str(error):
             raise InceptionWeightsError(
@@ -608,7 +604,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict, bool]:
       InceptionWeightsError: unreadable, corrupt, or not this network's weights.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(
             f"Inception weights {path} not found. Convert {FID_WEIGHTS_FILENAME} first: "
             "python -m launch.convert_inception --input=<.pth> --output=<.npz> "

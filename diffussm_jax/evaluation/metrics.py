@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg, special
 
+from diffussm_jax import files
+
 # ADM keeps this many channels of mixed_6/conv for sFID (`spatial[..., :7]`).
 SFID_CHANNELS = 7
 # ADM's `compute_inception_score(split_size=5000)`: 10 splits for the 50K protocol.
@@ -430,7 +432,7 @@ def load_reference_batch(path: str | os.PathLike, *, load_images: bool = True) -
     """
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with files.open(path, "rb") as file, np.load(file, allow_pickle=False) as npz:
             pool = _read_statistics(npz, path, "mu", "sigma")
             spatial = _read_statistics(npz, path, "mu_s", "sigma_s")
             images = None
@@ -505,7 +507,7 @@ def save_sample_batch(
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(f"labels must be ({images.shape[0]},) ints, got {labels.shape}.")
         arrays["arr_1"] = labels
-    np.savez(path, **arrays)
+    files.save_npz(path, **arrays)
 
 
 def save_sample_batch_streamed(
@@ -529,7 +531,8 @@ def save_sample_batch_streamed(
     """
     path = os.fspath(path)
     shape = tuple(int(x) for x in shape)
-    temporary = path + ".tmp.npz"
+    # Built in a local file (a zip archive needs seeks), then renamed or uploaded whole.
+    temporary = files.local_temporary(path)
     written = 0
     with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open("arr_0.npy", "w", force_zip64=True) as member:
@@ -553,7 +556,7 @@ def save_sample_batch_streamed(
                 raise ValueError(f"labels must be ({shape[0]},) ints, got {labels.shape}.")
             with archive.open("arr_1.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, labels, allow_pickle=False)
-    os.replace(temporary, path)
+    files.publish(temporary, path)
 
 
 def adm_metrics(

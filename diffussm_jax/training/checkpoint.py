@@ -4,16 +4,24 @@ Each step directory holds three items: `state` (the sharded TrainState, written 
 all processes), `data_position` (JSON: how many examples of the global example stream the run
 has consumed; one number for the whole job, so a run resumes on any number of processes and
 devices, see `trainer.create_data_iterator`) and `config` (JSON). Saving is asynchronous.
-A step is written under `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only once
-complete, so a kill at any moment leaves no step that looks complete but is not.
 
+Which steps are kept: the newest `keep` steps (rolling), plus every step that is a multiple of
+`keep_every_steps` (milestones, never deleted; the trainer saves at those steps).
+
+A kill at any moment leaves no step that looks complete but is not:
+  * local disk (and mounted filesystems): a step is written under `<step>.orbax-checkpoint-tmp`
+    and renamed to `<step>` once complete (an atomic rename);
+  * object storage (`gs://`, `s3://`), which has no rename: the step is written in place under
+    `<step>/` and `<step>/commit_success.txt` is written last; a step without it is incomplete.
+    Orbax lists only committed steps.
 What a kill can leave behind, and what the training job (`owner=True`) does with it on restart:
-  * a half-written `<step>.orbax-checkpoint-tmp`: logged and removed; the newest complete step
-    is restored.
-  * an old step being deleted (keep_checkpoints rotation; milestone steps, multiples of
-    keep_every_steps, are never deleted): orbax first renames it into `deleted/`, an
-    atomic move out of the step namespace, so a partly deleted step never looks like a
-    checkpoint; `deleted/` is emptied at start and after each save.
+  * a half-written step (`<step>.orbax-checkpoint-tmp`, or on object storage `<step>/` without
+    `commit_success.txt`): logged and removed; the newest complete step is restored.
+  * an old step being deleted (rotation): on local disk orbax first renames it into
+    `deleted/`, an atomic move out of the step namespace, so a partly deleted step never looks
+    like a checkpoint; `deleted/` is emptied at start and after each save. On object storage
+    orbax deletes the objects in place; a step caught half-deleted either lost its commit file
+    (then it is half-written, above) or lost some arrays (then it fails to restore, below).
   * a complete step that still fails to restore (disk corruption, a file removed by hand):
     logged, the previous step is restored, and the unreadable one is moved to `unreadable/`
     (kept for inspection) so the run can write that step again.
@@ -24,8 +32,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
 import threading
 import time
 from typing import Any
@@ -37,8 +43,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from diffussm_jax import files
+
 STATE, DATA_POSITION, CONFIG = "state", "data_position", "config"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step (or item) still being written
+COMMIT_FILE = "commit_success.txt"  # on object storage, written last into a complete step
 DELETED_DIR = "deleted"  # old steps are renamed here, then removed (never a step name)
 UNREADABLE_DIR = "unreadable"  # complete steps that failed to restore, kept for inspection
 
@@ -49,6 +58,26 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointStepNotFoundError(FileNotFoundError):
     """A checkpoint step was asked for that the directory does not hold (names the ones it does)."""
+
+
+class UnsupportedCheckpointLocation(ValueError):
+    """Checkpoints were asked for in a store that orbax cannot write (an `s3://` bucket)."""
+
+
+def check_location(workdir: str) -> None:
+    """Raises `UnsupportedCheckpointLocation` for a workdir whose checkpoints orbax cannot hold.
+
+    orbax (0.11) writes array data through tensorstore to local paths and `gs://` only: an
+    `s3://` path fails deep inside it ("Checkpoint path should be absolute").
+    """
+    if str(workdir).startswith("s3://"):
+        raise UnsupportedCheckpointLocation(
+            f"--workdir={workdir}: a run's checkpoints cannot live on s3:// (orbax, the "
+            "checkpoint library, reads and writes local paths and gs:// only). Use a gs:// "
+            "bucket, or mount the S3 bucket (e.g. mountpoint-s3) and pass the mounted path. "
+            "Sample and evaluation "
+            "outputs (launch.sample --output, launch.evaluate --output_dir) may be s3:// paths."
+        )
 
 
 class CheckpointWriteError(OSError):
@@ -76,14 +105,31 @@ def _join_orbax_writers(timeout_s: float = 300.0) -> None:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def half_written(directory: str) -> list[str]:
+    """Names of the step directories in `directory` that are being written, or that a killed
+    write left incomplete: `<step>.orbax-checkpoint-tmp...` on local disk, and on object
+    storage (no rename: a step is written in place and committed last) `<step>/` without
+    `commit_success.txt`."""
+    names = files.listdir(directory) if files.isdir(directory) else []
+    half = [name for name in names if TMP_SUFFIX in name]
+    if files.is_remote(directory):
+        half += [
+            name
+            for name in names
+            if name.isdigit() and not files.exists(files.join(directory, name, COMMIT_FILE))
+        ]
+    return half
+
+
 class Checkpointer:
     """Save / restore `TrainState` + data position + config under `<workdir>/checkpoints`.
 
     Args:
-      workdir: the run directory; checkpoints live in `<workdir>/checkpoints`.
+      workdir: the run directory (local, or `gs://bucket/...`); checkpoints live in
+        `<workdir>/checkpoints`.
       keep: number of newest steps to keep (rolling).
-      keep_every_steps: also keep every step that is a multiple of this, for good
-        (milestones); 0: none.
+      keep_every_steps: also keep every step that is a multiple of this, forever (milestones);
+        0 keeps none beyond `keep`.
       async_save: write in a background thread while training continues.
       owner: True for the training job that writes this directory: it removes half-written
         steps left by a killed run and moves unreadable ones aside. False (readers such as
@@ -101,15 +147,16 @@ class Checkpointer:
     ):
         if keep < 1 or keep_every_steps < 0:
             raise ValueError(
-                f"keep_checkpoints={keep} must be at least 1 and keep_every_steps="
-                f"{keep_every_steps} at least 0 (0: no milestones)."
+                f"keep_checkpoints={keep} must be >= 1 and keep_every_steps={keep_every_steps} "
+                ">= 0 (0: no milestones)."
             )
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        check_location(workdir)
+        self.directory = files.join(files.resolve(workdir), "checkpoints")
         self.owner = owner
         self._in_flight: int | None = None  # step whose async write may still be running
         if owner:
             if jax.process_index() == 0:
-                os.makedirs(self.directory, exist_ok=True)
+                files.makedirs(self.directory)
                 self._remove_half_written()
                 self._empty_deleted()
             if jax.process_count() > 1:
@@ -123,6 +170,13 @@ class Checkpointer:
                 save_interval_steps=1 if owner else 0,
                 create=owner,
                 enable_async_checkpointing=async_save,
+                # Buckets (gs://, s3://) have no atomic rename: commit-file steps there (orbax's
+                # default for gs:// only; s3:// would otherwise copy a step into place).
+                temporary_path_class=(
+                    ocp.path.atomicity.CommitFileTemporaryPath
+                    if files.is_remote(self.directory)
+                    else None
+                ),
                 todelete_subdir=DELETED_DIR if owner else None,
                 read_only=not owner,
             ),
@@ -221,7 +275,8 @@ class Checkpointer:
 
         With `step` unset, the newest step that restores is used: a step that fails to read is
         logged and skipped (and, for the owner, moved to `unreadable/` once an older step has
-        restored, which proves the failure is the step's, not this setup's).
+        restored, which proves the failure is the step's, not this setup's). A given `step`
+        that does not exist is an error listing the steps that do.
 
         Raises:
           FileNotFoundError: no checkpoint at all.
@@ -272,9 +327,9 @@ class Checkpointer:
         ) from failures[0][1]
 
     def data_position(self, step: int) -> dict[str, int] | None:
-        """The data position saved with `step`; None for checkpoints written before it was
-        saved (they hold one grain iterator state per process instead, in `data/`)."""
-        if not os.path.exists(os.path.join(self.directory, str(step), DATA_POSITION)):
+        """The data position saved with `step`; None for checkpoints written before it existed
+        (they hold one grain iterator state per process instead, in `data/`)."""
+        if not files.exists(files.join(self.directory, str(step), DATA_POSITION)):
             return None
         restored = self.manager.restore(
             step, args=ocp.args.Composite(**{DATA_POSITION: ocp.args.JsonRestore()})
@@ -315,39 +370,40 @@ class Checkpointer:
             )
 
     def _remove_half_written(self, quiet: bool = False) -> None:
-        """Deletes `<step>.orbax-checkpoint-tmp` directories: writes a kill interrupted."""
-        for name in sorted(os.listdir(self.directory)):
-            if TMP_SUFFIX not in name:
-                continue
-            path = os.path.join(self.directory, name)
+        """Deletes the steps that a kill (or a failed write) left incomplete."""
+        for name in half_written(self.directory):
+            path = files.join(self.directory, name)
             if not quiet:
                 logging.warning(
                     "Ignoring half-written checkpoint %s (a previous run stopped while writing "
                     "it); removing it and resuming from the newest complete step.",
                     path,
                 )
-            shutil.rmtree(path, ignore_errors=True)
+            files.remove_tree(path)
 
     def _empty_deleted(self) -> None:
         """Removes old steps that orbax has already moved out of the step namespace."""
-        trash = os.path.join(self.directory, DELETED_DIR)
-        if os.path.isdir(trash):
-            for name in os.listdir(trash):
-                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+        trash = files.join(self.directory, DELETED_DIR)
+        if not files.is_remote(trash) and files.isdir(trash):
+            for name in files.listdir(trash):
+                files.remove_tree(files.join(trash, name))
 
     def _move_aside(self, step: int) -> None:
         """Moves an unreadable complete step to `unreadable/` so the run can write it again."""
         if not self.owner:
             return
         if jax.process_index() == 0:
-            source = os.path.join(self.directory, str(step))
-            target = os.path.join(self.directory, UNREADABLE_DIR, str(step))
+            source = files.join(self.directory, str(step))
+            target = files.join(self.directory, UNREADABLE_DIR, str(step))
             suffix = 0
-            while os.path.exists(target):
+            while files.exists(target):
                 suffix += 1
-                target = os.path.join(self.directory, UNREADABLE_DIR, f"{step}_{suffix}")
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.rename(source, target)
+                target = files.join(self.directory, UNREADABLE_DIR, f"{step}_{suffix}")
+            if files.is_remote(source):
+                # Copy-then-delete: drop the commit file first, so a kill mid-move leaves an
+                # uncommitted step (removed at the next start), never a second "complete" one.
+                files.remove(files.join(source, COMMIT_FILE))
+            files.rename(source, target)
             logging.warning("Moved unreadable checkpoint step %d to %s.", step, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("diffussm checkpoint move aside")

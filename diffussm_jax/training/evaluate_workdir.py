@@ -4,12 +4,12 @@
              inception_path="inception_fid.npz",
              reference_path="VIRTUAL_imagenet256_labeled.npz")
 
-1. The EMA weights of the newest checkpoint draw `num_samples` images in batches of
-   `batch_size`, each batch one jitted call sharded over every device of every process. Labels
-   are drawn uniformly from the classes by a seeded numpy generator before sampling starts
-   (`labels="balanced"` cycles through the classes instead); batch b uses the key
-   fold_in(key(seed), first index of b), so the result does not depend on which batches ran in
-   which session.
+1. The EMA weights of the newest checkpoint (or of checkpoint `step`, e.g. a milestone) draw
+   `num_samples` images in batches of `batch_size`, each batch one jitted call sharded over
+   every device of every process. Labels are drawn uniformly from the classes by a seeded numpy
+   generator before sampling starts (`labels="balanced"` cycles through the classes instead);
+   batch b uses the key fold_in(key(seed), first index of b), so the result does not depend on
+   which batches ran in which session.
 2. Each finished batch is converted to uint8 (`metrics.to_uint8`) and written atomically to
    `<name>.shards/batch_<b>.npz`. A restarted evaluation with the same settings skips the
    batches already on disk (a manifest in the shard directory records the settings; different
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 
 import jax
@@ -35,7 +34,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffussm_jax import console, data, evaluation
+from diffussm_jax import console, data, evaluation, files
 from diffussm_jax.evaluation import inception as inception_lib
 from diffussm_jax.training import metrics, sample_workdir, sampling, sharding, summary, trainer
 
@@ -80,9 +79,9 @@ def _agree(flag: bool) -> bool:
 def _prepare_shard_dir(shard_dir: str, settings: SampleSettings) -> None:
     manifest = dataclasses.asdict(settings)
     manifest["image_shape"] = list(settings.image_shape)
-    path = os.path.join(shard_dir, MANIFEST)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+    path = files.join(shard_dir, MANIFEST)
+    if files.exists(path):
+        with files.open(path) as f:
             existing = json.load(f)
         if existing != manifest:
             changed = sorted(k for k in manifest if existing.get(k) != manifest[k])
@@ -93,19 +92,16 @@ def _prepare_shard_dir(shard_dir: str, settings: SampleSettings) -> None:
             )
         return
     if jax.process_index() == 0:
-        os.makedirs(shard_dir, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(path + ".tmp", path)
+        files.write_atomically(path, json.dumps(manifest, indent=2))
 
 
 def _read_shard(path: str, labels: np.ndarray, image_shape) -> np.ndarray | None:
     """The shard's images if it is complete and matches `labels`; None if absent or bad."""
-    if not os.path.exists(path):
+    if not files.exists(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as shard:
-            images, shard_labels = shard["images"], shard["labels"]
+        shard = files.load_npz(path)
+        images, shard_labels = shard["images"], shard["labels"]
     except (OSError, ValueError, KeyError) as error:
         logging.warning("Shard %s unreadable (%s); drawing it again.", path, error)
         return None
@@ -133,7 +129,7 @@ def sample_shards(
     """Draws the samples batch by batch into shard files, skipping finished batches.
 
     Latent models are decoded through the VAE (`vae_path`, default `config.vae.path`), so the
-    shards always hold images.
+    shards always hold images. `step`: the checkpoint (default: the newest).
 
     Returns:
       (settings, shard paths in order, labels (num_samples,)).
@@ -166,7 +162,7 @@ def sample_shards(
         image_shape=image_shape,
     )
     all_labels = evaluation.draw_labels(num_samples, config.data.num_classes, seed, labels)
-    shard_dir = os.path.join(output_dir, settings.name() + ".shards")
+    shard_dir = files.join(output_dir, settings.name() + ".shards")
     _prepare_shard_dir(shard_dir, settings)
 
     sample_fn = None
@@ -177,7 +173,7 @@ def sample_shards(
     )
     for index, start in enumerate(range(0, num_samples, batch_size)):
         batch_labels = all_labels[start : start + batch_size]
-        path = os.path.join(shard_dir, f"batch_{index:06d}.npz")
+        path = files.join(shard_dir, f"batch_{index:06d}.npz")
         paths.append(path)
         if _agree(_read_shard(path, batch_labels, image_shape) is not None):
             continue
@@ -198,8 +194,7 @@ def sample_shards(
         images = sampling.draw(sample_fn, params, jax.random.fold_in(key, start), padded, mesh)
         images = metrics.to_uint8(images[: len(batch_labels)])
         if jax.process_index() == 0:
-            np.savez(path + ".tmp.npz", images=images, labels=batch_labels)
-            os.replace(path + ".tmp.npz", path)
+            files.save_npz(path, images=images, labels=batch_labels)
         drawn += 1
         progress.report(start + len(batch_labels))
     progress.close()
@@ -212,8 +207,7 @@ def sample_shards(
 
 def _iterate_shards(paths: list[str]):
     for path in paths:
-        with np.load(path, allow_pickle=False) as shard:
-            yield shard["images"]
+        yield files.load_npz(path)["images"]
 
 
 def reference_activations(
@@ -224,18 +218,16 @@ def reference_activations(
     Returns (batch without images, activations or None when the file holds no images).
     """
     reference = evaluation.load_reference_batch(reference_path, load_images=False)
-    with np.load(reference_path, allow_pickle=False) as npz:
+    with files.open(reference_path, "rb") as file, np.load(file, allow_pickle=False) as npz:
         has_images = "arr_0" in npz.files
     if not has_images:
         return reference, None
-    if os.path.exists(cache):
-        with np.load(cache, allow_pickle=False) as cached:
-            return reference, {name: cached[name] for name in cached.files}
+    if files.exists(cache):
+        return reference, files.load_npz(cache)
     logging.info("Computing Inception activations of %s", reference_path)
     images = evaluation.load_reference_batch(reference_path).images
     activations = extractor(images)
-    np.savez(cache + ".tmp.npz", **activations)
-    os.replace(cache + ".tmp.npz", cache)
+    files.save_npz(cache, **activations)
     return reference, activations
 
 
@@ -251,8 +243,7 @@ def inception_metrics(
     Precision and recall need the reference images (`arr_0`); without them only FID, sFID and
     IS are returned. `preprocessing`: see `inception.preprocess` ("tf_graph" is ADM's graph).
     """
-    with np.load(shard_paths[0], allow_pickle=False) as shard:
-        shard_size = len(shard["labels"])
+    shard_size = len(files.load_npz(shard_paths[0])["labels"])
     # Inception batches of at most 200 images (2 GB of activations), fewer for small samples.
     extractor = inception_lib.InceptionFeatures.from_file(
         inception_path, batch_size=min(200, shard_size), preprocessing=preprocessing
@@ -261,10 +252,9 @@ def inception_metrics(
     # The cache name identifies both files (name and size), so other weights or another
     # reference batch never reuse stale activations.
     tag = ".".join(
-        f"{os.path.basename(path)}-{os.stat(path).st_size}"
-        for path in (reference_path, inception_path)
+        f"{files.basename(path)}-{files.size(path)}" for path in (reference_path, inception_path)
     )
-    cache = os.path.join(cache_dir, f"reference_activations.{tag}.{preprocessing}.npz")
+    cache = files.join(cache_dir, f"reference_activations.{tag}.{preprocessing}.npz")
     reference, reference_acts = reference_activations(extractor, reference_path, cache)
     if "adm_logits" not in samples:
         raise ValueError(
@@ -348,10 +338,10 @@ def evaluate(
     if (inception_path is None) != (reference_path is None):
         raise ValueError("Pass both --inception and --reference (or neither).")
     for path in (inception_path, reference_path):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not files.isfile(path):
             raise FileNotFoundError(f"{path} not found (see docs/evaluation.md).")
-    workdir = os.path.abspath(workdir)
-    output_dir = os.path.abspath(output_dir or os.path.join(workdir, "eval"))
+    workdir = files.resolve(workdir)
+    output_dir = files.resolve(output_dir or files.join(workdir, "eval"))
     settings, shard_paths, all_labels = sample_shards(
         workdir,
         output_dir,
@@ -367,8 +357,8 @@ def evaluate(
         checkpoint_step=checkpoint_step,
     )
     name = settings.name()
-    npz_path = os.path.join(output_dir, name + ".npz")
-    png_path = os.path.join(output_dir, name + ".png")
+    npz_path = files.join(output_dir, name + ".npz")
+    png_path = files.join(output_dir, name + ".png")
     result: dict = {
         "samples": npz_path,
         "grid": png_path,
@@ -397,11 +387,10 @@ def evaluate(
         )
     elif config.data.name != data.EmbeddedDigits.name:
         logging.info("No Inception weights given: run ADM's evaluator on %s", npz_path)
-    result["scores"] = os.path.join(output_dir, name + ".json")
+    result["scores"] = files.join(output_dir, name + ".json")
     column_per_class = labels == "balanced" and 0 < config.data.num_classes <= 20
     result["grid_layout"] = "column k = class k" if column_per_class else "row by row"
-    with open(result["scores"], "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    files.write_atomically(result["scores"], json.dumps(result, indent=2))
     return result
 
 

@@ -4,51 +4,107 @@ The console (progress lines, summaries) is `diffussm_jax.console` and `training.
 of the metrics are `training.plots`.
 
 TensorBoard files are written by tensorboardX, which needs no TensorFlow. Only process 0 writes.
+Every file goes through `diffussm_jax.files`, so the workdir may be a bucket (`gs://...`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 import time
 
 import jax
 import numpy as np
 from PIL import Image
 
+from diffussm_jax import files
+
 
 class MetricWriter:
-    """Appends scalars to `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tb`."""
+    """Appends scalars to `<workdir>/metrics.jsonl` and TensorBoard events in `<workdir>/tb`.
+
+    Object storage cannot append. There metrics.jsonl is rewritten whole at each `write` from
+    this writer's copy of its lines (read once here), and TensorBoard events are written to a
+    local staging directory whose event file is uploaded whole after each flush; a new event
+    file is started every `EVENTS_PER_FILE_REMOTE` writes so that each upload stays small
+    (TensorBoard reads every event file of the directory).
+    """
+
+    EVENTS_PER_FILE_REMOTE = 100
 
     def __init__(self, workdir: str, *, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = files.join(workdir, "metrics.jsonl")
+        self._tb_dir = files.join(workdir, "tb")
+        self._staging: str | None = None  # local event files of a bucket workdir
         self._tb = None
+        self._tb_writes = 0
+        self._lines: list[str] | None = None
         if self.enabled:
+            files.makedirs(workdir)
+            if files.is_remote(self.path):
+                self._lines = (
+                    files.read_text(self.path).splitlines() if files.exists(self.path) else []
+                )
+                self._staging = tempfile.mkdtemp(prefix="diffussm_tb_")
+
+    def _events(self):
+        """The open TensorBoard writer; with a bucket workdir, a new event file after
+        EVENTS_PER_FILE_REMOTE writes."""
+        if self._staging is not None and self._tb_writes >= self.EVENTS_PER_FILE_REMOTE:
+            self._close_events()
+        if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(self._staging or self._tb_dir)
+            self._tb_writes = 0
+        self._tb_writes += 1
+        return self._tb
+
+    def _flush(self) -> None:
+        self._tb.flush()
+        self._upload_staged()
+
+    def _close_events(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._upload_staged(remove=True)
+            self._tb = None
+
+    def _upload_staged(self, remove: bool = False) -> None:
+        """Uploads the staged event file whole (the only one: closed ones are removed)."""
+        if self._staging is None:
+            return
+        for name in os.listdir(self._staging):
+            local = os.path.join(self._staging, name)
+            with open(local, "rb") as f:
+                files.write_atomically(files.join(self._tb_dir, name), f.read())
+            if remove:
+                os.remove(local)
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
         scalars = {k: float(v) for k, v in scalars.items()}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        files.append_lines(self.path, [json.dumps({"step": step, **scalars})], cache=self._lines)
+        events = self._events()
         for name, value in scalars.items():
-            self._tb.add_scalar(name, value, step)
-        self._tb.flush()
+            events.add_scalar(name, value, step)
+        self._flush()
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         """image: (H, W, C) uint8."""
         if self.enabled:
-            self._tb.add_image(name, image, step, dataformats="HWC")
-            self._tb.flush()
+            self._events().add_image(name, image, step, dataformats="HWC")
+            self._flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        self._close_events()
+        if self._staging is not None:
+            os.rmdir(self._staging)
+            self._staging = None
 
 
 def summarize(metrics: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -122,8 +178,8 @@ def image_grid(images: np.ndarray, rows: int, padding: int = 2, min_cell: int = 
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-    """(H, W, C) uint8 with C in {1, 3} -> PNG, written atomically."""
+    """(H, W, C) uint8 with C in {1, 3} -> PNG, written atomically (`files.write_atomically`)."""
     image = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    files.write_atomically(path, buffer.getvalue())

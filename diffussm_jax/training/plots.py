@@ -17,12 +17,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 
 import numpy as np
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from diffussm_jax import files
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -55,7 +56,7 @@ PLOT_NAME = "training.png"
 
 
 def metrics_path(workdir: str) -> str:
-    return os.path.join(workdir, "metrics.jsonl")
+    return files.join(workdir, "metrics.jsonl")
 
 
 def read_metrics(path: str) -> Series:
@@ -67,12 +68,12 @@ def read_metrics(path: str) -> Series:
       FileNotFoundError: no such file, with a hint that it comes from launch.train.
       ValueError: a line that is not a JSON object with a step, naming the line.
     """
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(
             f"{path} not found: pass the --workdir of a launch.train run (it writes metrics.jsonl)."
         )
     by_name: dict[str, dict[int, float]] = {}
-    with open(path, encoding="utf-8") as f:
+    with files.open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -157,19 +158,15 @@ def to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 def save(fig: Figure, path: str) -> str:
     """Writes `fig` as a PNG atomically (a reader never sees half a file); returns `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    FigureCanvasAgg(fig)
-    temporary = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    files.write_atomically(path, to_png(fig))
     return path
 
 
 def default_title(workdir: str) -> str:
     """ "<model>, <workdir name>" (the model from the run's config.json, when there is one)."""
-    name = os.path.basename(os.path.abspath(workdir))
+    name = files.basename(files.resolve(workdir))
     try:
-        with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+        with files.open(files.join(workdir, "config.json")) as f:
             return f"{json.load(f)['model']}, {name}"
     except (OSError, ValueError, KeyError):
         return name
@@ -180,7 +177,7 @@ def write(workdir: str, title: str | None = None) -> str:
 
     `title`: default `default_title(workdir)`.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = files.resolve(workdir)
     series = read_metrics(metrics_path(workdir))
     fig = figure(series, title=default_title(workdir) if title is None else title)
-    return save(fig, os.path.join(workdir, "plots", PLOT_NAME))
+    return save(fig, files.join(workdir, "plots", PLOT_NAME))

@@ -1,4 +1,5 @@
-"""Sample a trained run: restore the newest checkpoint of a workdir and write an ADM-style .npz.
+"""Sample a trained run: restore a checkpoint of a workdir (the newest, or a given step such as a
+milestone) and write an ADM-style .npz.
 
 The .npz holds `arr_0` (N, H, W, C) uint8 (round((x + 1) * 127.5), clipped) and `arr_1` (N,)
 int labels; a PNG grid of the first samples is written beside it. Latent models are decoded
@@ -15,19 +16,20 @@ import jax
 import ml_collections
 import numpy as np
 
-from diffussm_jax import console, data, evaluation
+from diffussm_jax import console, data, evaluation, files
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train_state, trainer
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was trained with (`<workdir>/config.json`)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    checkpoint.check_location(workdir)  # before any read: s3:// never holds a run's checkpoints
+    path = files.join(workdir, "config.json")
+    if not files.exists(path):
         raise FileNotFoundError(
             f"{path} not found: --workdir must be a directory written by launch.train."
         )
-    with open(path, encoding="utf-8") as f:
+    with files.open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     config.lock()
     return config
@@ -71,7 +73,7 @@ def sample_to_npz(
     Returns the paths written ({"npz", "png"}); class-conditional embedded digits add
     "digits_accuracy", the fraction the digits classifier assigns to the requested class.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = files.resolve(workdir)
     config = load_config(workdir)
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
     # Before the slow restore: fail fast on a missing VAE or a sampler the process lacks.
@@ -121,8 +123,8 @@ def sample_to_npz(
     progress.close()
     images = np.concatenate(chunks)
 
-    output = os.path.abspath(output)
-    os.makedirs(os.path.dirname(output), exist_ok=True)
+    output = files.resolve(output)
+    # splitext is string-only, so it also splits a gs:// URL.
     paths: dict[str, Any] = {"npz": output, "png": os.path.splitext(output)[0] + ".png"}
     if jax.process_index() == 0:
         meta = dict(
@@ -136,9 +138,7 @@ def sample_to_npz(
             vae=None if decoder is None else (vae_path or config.vae.path),
             uint8="round((x + 1) * 127.5) clipped to [0, 255]",
         )
-        tmp = output + ".tmp.npz"
-        np.savez(tmp, arr_0=images, arr_1=all_labels, meta=np.asarray(json.dumps(meta)))
-        os.replace(tmp, output)
+        files.save_npz(output, arr_0=images, arr_1=all_labels, meta=np.asarray(json.dumps(meta)))
         shown = images[:100]
         metrics.save_png(paths["png"], metrics.image_grid(shown, int(np.ceil(np.sqrt(len(shown))))))
         if config.data.name == data.EmbeddedDigits.name and num_classes > 0:

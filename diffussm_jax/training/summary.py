@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from diffussm_jax import files
 from diffussm_jax.console import format_rate, format_seconds
 
 
@@ -103,7 +104,10 @@ class RunOutcome:
 
 
 def shown_path(path: str) -> str:
-    """`path` relative to the working directory when it lies below it, else absolute."""
+    """`path` relative to the working directory when it lies below it, else absolute (a bucket
+    URL as it is)."""
+    if files.is_remote(path):
+        return path
     path = os.path.abspath(path)
     here = os.getcwd()
     return os.path.relpath(path, here) if path.startswith(os.path.join(here, "")) else path
@@ -127,8 +131,8 @@ def closing_lines(outcome: RunOutcome) -> list[str]:
     lines = [head]
     newest = "none" if outcome.checkpoint_step is None else f"step {outcome.checkpoint_step}"
     lines.append(f"  checkpoints  {rel(outcome.checkpoint_dir)} (newest: {newest})")
-    metrics = rel(os.path.join(outcome.workdir, "metrics.jsonl"))
-    tensorboard = rel(os.path.join(outcome.workdir, "tb"))
+    metrics = rel(files.join(outcome.workdir, "metrics.jsonl"))
+    tensorboard = rel(files.join(outcome.workdir, "tb"))
     lines.append(f"  metrics      {metrics}; TensorBoard: tensorboard --logdir {tensorboard}")
     if outcome.plot:
         lines.append(f"  plots        {rel(outcome.plot)}")

@@ -1,8 +1,11 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 Creates the mesh, model, diffusion, optimizer and sharded state; resumes from the newest
-checkpoint in `workdir` (state, EMA, optimizer, step and data position); trains with periodic
-metrics, checkpoints and EMA sample grids; on SIGTERM (preemption) saves and returns.
+checkpoint in `workdir` (state, EMA, optimizer, step and data position; on any number of
+processes and devices, see `create_data_iterator`); trains with periodic metrics, checkpoints
+(rolling, plus milestones every `keep_every_steps`) and EMA sample grids; on SIGTERM
+(preemption) saves and returns. `workdir` may be local or a bucket (`gs://...`): every file goes
+through `diffussm_jax.files`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import signal
 import threading
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from diffussm_jax import console, data, evaluation
+from diffussm_jax import console, data, evaluation, files
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax.training import (
     checkpoint,
@@ -46,17 +48,25 @@ NONFINITE_POLICIES = ("skip", "stop")
 
 
 def check_workdir(workdir: str) -> str:
-    """Creates `workdir` and proves it is writable, with an error that says what to do."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    """Creates `workdir` and proves it is writable, with an error that says what to do.
+
+    Returns the absolute path (a bucket URL such as `gs://bucket/run` is kept as it is).
+
+    Raises:
+      checkpoint.UnsupportedCheckpointLocation: an `s3://` workdir (names the ways out).
+      PermissionError: the workdir cannot be written.
+    """
+    workdir = files.resolve(workdir)
+    checkpoint.check_location(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        files.makedirs(workdir)
+        probe = files.join(workdir, f".write_test_{jax.process_index()}")
+        files.write_atomically(probe, "ok")
+        files.remove(probe)
     except OSError as e:
         raise PermissionError(
-            f"workdir {workdir} is not writable ({e.strerror}); pass a --workdir you can write to."
+            f"workdir {workdir} is not writable ({e.strerror or e}); pass a --workdir you can "
+            "write to."
         ) from e
     return workdir
 
@@ -265,9 +275,9 @@ def check_batch_fits(config: ml_collections.ConfigDict, mesh, checkpointer) -> N
             raise
         raise ValueError(
             f"{error} This workdir holds checkpoints (steps {steps}), which restore on any "
-            f"device count: resume on a device count that divides {config.global_batch_size} "
-            "(the run's global batch; keeping it keeps the run's example order), or pass a "
-            "--config.global_batch_size that this one divides."
+            "device count: resume on a device count that divides "
+            f"{config.global_batch_size} (the run's global batch; keeping it keeps the run's "
+            "example order), or pass a --config.global_batch_size that this one divides."
         ) from error
 
 
@@ -356,9 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         state, _ = train_state.create_train_state(config, model, tx, mesh)
         start_step, start_example = 0, 0
     data_iterator = create_data_iterator(config, mesh, start_example)
-    config_path = os.path.join(workdir, "config.json")
+    config_path = files.join(workdir, "config.json")
     if jax.process_index() == 0:
-        write_atomically(config_path, config.to_json_best_effort(indent=2))
+        files.write_atomically(config_path, config.to_json_best_effort(indent=2))
     for line in summary.config_lines(
         config,
         num_params=sum(x.size for x in jax.tree.leaves(state.params)),
@@ -577,16 +587,6 @@ def log_skipped_steps(step: int, window: list[dict[str, Any]], checkpointer) -> 
     )
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Writes `text` to `path` via a temporary file and a rename: a kill never leaves it torn."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 @dataclasses.dataclass(frozen=True)
 class GridResult:
     """A sample grid written at `step`; the digits get the classifier's accuracy on it."""
@@ -615,14 +615,15 @@ def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) ->
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
     images = metrics.to_uint8(sampling.draw(sample_fn, params, rng, labels, mesh))
     grid = metrics.image_grid(images, rows)
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    path = files.join(workdir, "samples", f"step_{step:07d}.png")
     accuracy = None
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         metrics.save_png(path, grid)
         writer.write_image(step, "ema_samples", grid)
-        with open(os.path.join(workdir, "samples", "latest.json"), "w") as f:
-            json.dump({"step": step, "path": path, "labels": labels.tolist()}, f)
+        files.write_atomically(
+            files.join(workdir, "samples", "latest.json"),
+            json.dumps({"step": step, "path": path, "labels": labels.tolist()}),
+        )
         scored = ""
         if config.data.name == data.EmbeddedDigits.name and config.data.num_classes > 0:
             quality = evaluation.digits_quality(images, labels, data_dir=config.data.data_dir)

@@ -8,6 +8,8 @@ A diffusers VAE directory (e.g. a download of huggingface.co/stabilityai/sd-vae-
 
     model, params = load(directory)      # AutoencoderKL, Flax parameter tree (float32 numpy)
 
+The directory may be local or in a bucket (`gs://...`, read through `diffussm_jax.files`).
+
 The key mapping is explicit: `key_map(config)` lists every diffusers key the architecture has and
 where it goes in the Flax tree, and how it is transposed:
 
@@ -35,6 +37,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from diffussm_jax import files
 from diffussm_jax.vae.autoencoder import AutoencoderKL, VAEConfig, param_shapes
 
 CONFIG_NAME = "config.json"
@@ -343,23 +346,22 @@ def _safetensors():
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as numpy arrays, in the dtype they are stored in.
+    """All tensors of a .safetensors file as numpy arrays in their stored dtype.
 
-    float16 and bfloat16 files (halved copies of the float32 weights, as often published) are
-    read as such and logged; `convert_state_dict` upcasts them to float32, which is exact.
+    float16 and bfloat16 files (halves of the float32 originals, as often published) are read
+    as such and logged; `convert_state_dict` upcasts them to float32, which is exact.
 
     Raises:
       VAEWeightsNotFoundError: no such file.
-      VAEWeightsError: the file is truncated or corrupt, or holds tensors that are not floats.
+      VAEWeightsError: the file is truncated or corrupt, or holds non-float tensors.
     """
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise VAEWeightsNotFoundError(f"VAE weights file {path} does not exist.\n{DOWNLOAD_HINT}")
     safetensors = _safetensors()
-    with open(path, "rb") as f:
-        payload = f.read()
+    payload = files.read_bytes(path)
     try:
-        # Checks the header against the payload (sizes, offsets). numpy has no bfloat16, so
-        # the arrays are made here, with ml_dtypes' bfloat16, rather than by safetensors.numpy.
+        # The header is checked against the payload (sizes, offsets, dtypes) here; the dtype
+        # table is ours, since numpy itself has no bfloat16 (ml_dtypes provides it).
         tensors = safetensors.deserialize(payload)
     except Exception as error:  # safetensors raises its own error types for bad headers/sizes
         raise VAEWeightsError(
@@ -385,12 +387,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def read_config(directory: str) -> VAEConfig:
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(path):
+    path = files.join(directory, CONFIG_NAME)
+    if not files.isfile(path):
         raise VAEWeightsNotFoundError(f"{path} does not exist.\n{DOWNLOAD_HINT}")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        raw = json.loads(files.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise VAEWeightsError(f"{path} is not valid JSON ({error}); download it again.") from error
     return config_from_diffusers(raw, source=path)
@@ -404,13 +405,13 @@ def load(directory: str | os.PathLike) -> tuple[AutoencoderKL, dict[str, Any]]:
       VAEWeightsError: a file is corrupt or the weights do not fit config.json (names the keys).
     """
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
+    if not files.isdir(directory):
         raise VAEWeightsNotFoundError(
             f"VAE directory {directory!r} (config.vae.path) does not exist.\n{DOWNLOAD_HINT}"
         )
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        present = sorted(os.listdir(directory))
+    weights = files.join(directory, WEIGHTS_NAME)
+    if not files.isfile(weights):
+        present = files.listdir(directory)
         pickled = [name for name in present if name.endswith((".bin", ".ckpt", ".pt"))]
         hint = (
             f" It holds {pickled}: pickled PyTorch files are not read here (they need torch and "
@@ -429,9 +430,8 @@ def load(directory: str | os.PathLike) -> tuple[AutoencoderKL, dict[str, Any]]:
 def save(directory: str | os.PathLike, config: VAEConfig, params: dict[str, Any]) -> None:
     """Writes config.json + diffusion_pytorch_model.safetensors that diffusers can load."""
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config_to_diffusers(config), f, indent=2)
-    tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
-    _safetensors().numpy.save_file(flax_to_state_dict(params, config), tmp)
-    os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
+    files.write_atomically(
+        files.join(directory, CONFIG_NAME), json.dumps(config_to_diffusers(config), indent=2)
+    )
+    payload = _safetensors().numpy.save(flax_to_state_dict(params, config))
+    files.write_atomically(files.join(directory, WEIGHTS_NAME), payload)
