@@ -28,6 +28,7 @@ depends only on the parameters, so it is generated once per call, not per exampl
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -284,13 +285,10 @@ def fft_causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
     length = u.shape[1]
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    batch, _, channels = u.shape
-    rows = jnp.swapaxes(u.astype(dtype), 1, 2).reshape(batch * channels, length)
-    u_f = _rows_fft(jnp.fft.rfft, rows, n_fft).reshape(batch, channels, -1)  # (B, H, F)
+    u_f = batched_fft(jnp.fft.rfft, jnp.swapaxes(u.astype(dtype), 1, 2), n_fft)  # (B, H, F)
     k_f = _rows_fft(jnp.fft.rfft, kernel.astype(dtype), n_fft)  # (H, F)
-    products = (u_f * k_f).reshape(batch * channels, -1)
-    y = _rows_fft(jnp.fft.irfft, products, n_fft)[:, :length]
-    return jnp.swapaxes(y.reshape(batch, channels, length), 1, 2)
+    y = batched_fft(jnp.fft.irfft, u_f * k_f, n_fft)[..., :length]  # (B, H, L)
+    return jnp.swapaxes(y, 1, 2)
 
 
 def _combine_linear_recurrences(first, second):
@@ -483,16 +481,16 @@ def bidirectional_ssm(
         raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    rows = jnp.swapaxes(u.astype(dtype), 1, 2).reshape(batch * channels, length)
-    u_f = _rows_fft(jnp.fft.rfft, rows, n_fft).reshape(batch, 1, channels, -1)  # (B, 1, H, F)
+    u_t = jnp.swapaxes(u.astype(dtype), 1, 2)  # (B, H, L)
+    u_f = batched_fft(jnp.fft.rfft, u_t, n_fft)[:, None]  # (B, 1, H, F)
     kernels = s4d_kernel(*both[:3], length).astype(dtype)  # (2H, L)
     kernels = kernels.at[:, 0].add(both[3].astype(dtype))  # D u: D at lag 0
     kernels_f = _rows_fft(jnp.fft.rfft, kernels, n_fft).reshape(2, channels, -1)
     # Circular correlation sum_j K[j] u[l + j mod n] has no wrap-around for l, j < L <= n - L + 1.
     kernels_f = jnp.stack([kernels_f[0], jnp.conj(kernels_f[1])])  # (2, H, F)
-    products = (u_f * kernels_f).reshape(batch * 2 * channels, -1)
-    y = _rows_fft(jnp.fft.irfft, products, n_fft)[:, :length]  # (B * 2H, L)
-    return y.reshape(batch, 2 * channels, length).swapaxes(1, 2)
+    products = (u_f * kernels_f).reshape(batch, 2 * channels, -1)
+    y = batched_fft(jnp.fft.irfft, products, n_fft)[..., :length]  # (B, 2H, L)
+    return y.swapaxes(1, 2)
 
 
 def _rows_fft(transform, rows: jax.Array, n_fft: int) -> jax.Array:
@@ -504,6 +502,89 @@ def _rows_fft(transform, rows: jax.Array, n_fft: int) -> jax.Array:
     to rows first keeps the operand row-major (tests/test_training.py covers the sharded case).
     """
     return transform(rows, n=n_fft)
+
+
+def _last_axis_fft(transform, x: jax.Array, n_fft: int) -> jax.Array:
+    """`transform` along the last axis of (..., T), computed on 2-D rows (see `_rows_fft`)."""
+    out = _rows_fft(transform, x.reshape(-1, x.shape[-1]), n_fft)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _keep_leading_axes(sharding, rank: int):
+    """The operand's sharding if its last axis is whole on each device, else replicated.
+
+    The partitioner hands over its own (GSPMD) sharding: the leading axes may be split in any
+    way the mesh allows, which this keeps. The last axis (time or frequency) is never split
+    by the model; should it be, the operand is gathered, which is always correct.
+    """
+    hlo = sharding._to_xla_hlo_sharding(rank)
+    if hlo.is_replicated() or hlo.tile_assignment_dimensions()[rank - 1] == 1:
+        return sharding
+    return jax.sharding.GSPMDSharding.get_replicated(sharding._device_assignment)
+
+
+@functools.cache
+def _partitioned_transform(kind: str, n_fft: int, in_length: int, in_dtype: str):
+    """A per-row transform along the last axis that the SPMD partitioner keeps sharded.
+
+    XLA's partitioner has no rule for FFTs with sharded batch axes: it all-gathers the operand
+    and every device transforms the whole global batch (with the batch over 8 devices, each
+    one held and transformed all 8 devices' rows: 8x the FFT work, memory growing with the
+    global batch). Rows are independent, so this op keeps the leading axes' sharding and
+    transforms each device's own rows (`custom_partitioning`); its gradient is the linear
+    transpose, applied the same way.
+
+    kind: "rfft" or "irfft"; n_fft: the transform length; in_length, in_dtype: the last axis
+    and dtype of the operand (needed for the transpose).
+    """
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    transform = {"rfft": jnp.fft.rfft, "irfft": jnp.fft.irfft}[kind]
+
+    def forward_local(x):
+        return _last_axis_fft(transform, x, n_fft)
+
+    def transpose_local(g):
+        primal = jax.ShapeDtypeStruct((*g.shape[:-1], in_length), jnp.dtype(in_dtype))
+        return jax.linear_transpose(forward_local, primal)(g)[0]
+
+    def partitioned(fn):
+        op = custom_partitioning(fn)
+
+        def infer(mesh, arg_shapes, result_shape):
+            del mesh, result_shape
+            return _keep_leading_axes(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+
+        def partition(mesh, arg_shapes, result_shape):
+            del result_shape
+            sharding = _keep_leading_axes(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+            return mesh, fn, sharding, (sharding,)
+
+        op.def_partition(
+            infer_sharding_from_operands=infer,
+            partition=partition,
+            decode_shardings=False,  # the partitioner's own shardings, whatever the mesh
+            sharding_rule="... i -> ... j",
+            need_replication_factors=("i", "j"),
+        )
+        return op
+
+    forward_op, transpose_op = partitioned(forward_local), partitioned(transpose_local)
+
+    @jax.custom_vjp
+    def apply(x):
+        return forward_op(x)
+
+    apply.defvjp(lambda x: (forward_op(x), None), lambda _, g: (transpose_op(g),))
+    return apply
+
+
+def batched_fft(transform, x: jax.Array, n_fft: int) -> jax.Array:
+    """rfft / irfft (`transform`) of length n_fft along the last axis of x (..., T), with the
+    leading axes' sharding kept (see `_partitioned_transform`)."""
+    kind = {jnp.fft.rfft: "rfft", jnp.fft.irfft: "irfft"}[transform]
+    op = _partitioned_transform(kind, n_fft, x.shape[-1], jnp.dtype(x.dtype).name)
+    return op(x)
 
 
 # ----------------------------------------------------------------------------- references

@@ -37,7 +37,6 @@ BUDGETS = {"TPU 16 GiB": 16 * GiB, "H100 80 GB": 80 * 10**9}
 def _row(model, resolution, data, fsdp, global_batch, mode, remat) -> dict:
     """Measures one (model, resolution, layout) in this process (fake devices already set)."""
     import jax
-    import jax.numpy as jnp
 
     from configs import imagenet256
     from diffussm_jax.training import sharding, train_state, train_step, trainer
@@ -66,14 +65,7 @@ def _row(model, resolution, data, fsdp, global_batch, mode, remat) -> dict:
     }
     if mode == "state":
         return row
-    size, channels = config.data.image_size, config.data.channels
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct(
-            (global_batch, size, size, channels), jnp.float32, sharding=batch_sharding
-        ),
-        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batch_sharding),
-    }
+    batch = train_step.abstract_batch(config, mesh, global_batch)
     diffusion = trainer.create_diffusion(config)
     step = train_step.make_train_step(config, net, diffusion, tx, mesh, shardings)
     start = time.perf_counter()

@@ -156,3 +156,43 @@ def test_checkpoint_restores_into_a_different_mesh(tmp_path, target):
     kernel = restored.params["blocks"]["W2"]["kernel"]
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp", None)
     assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // fsdp
+
+
+def _train_step_flops_per_device(config, global_batch: int) -> float:
+    """XLA's FLOP count of one device's share of the compiled train step (nothing runs)."""
+    from diffussm_jax.training import train_step, trainer
+
+    with config.unlocked():
+        config.global_batch_size = global_batch
+    devices = jax.devices()[: config.mesh.data * config.mesh.fsdp]
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    model = train_state.build_model(config)
+    tx = train_state.create_optimizer(config)
+    abstract, shardings = train_state.abstract_train_state(config, model, tx, mesh)
+    batch = train_step.abstract_batch(config, mesh, global_batch)
+    diffusion = trainer.create_diffusion(config)
+    step = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    cost = step.lower(abstract, batch).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+@pytest.mark.parametrize(
+    "model,data,fsdp",
+    [("DiffuSSM", 8, 1), ("DiffuSSM", 2, 4), ("DiffuSSM", 1, 8), ("DiT-S/2", 1, 8)],
+)
+def test_each_device_computes_only_its_share_of_the_batch(model, data, fsdp):
+    """On 8 devices a device's share of the train step costs about 1/8 of the whole step on
+    one device. Two ways this broke: XLA's partitioner gathers the whole batch for an FFT
+    (every device transformed every example), and under FSDP it gathered the activations of
+    the batch instead of the weights; `ssm.batched_fft` and the block's batch constraints
+    (`layers.constrain_batch`) keep each device on its own examples."""
+    configs = [small_config(1, 1), small_config(data, fsdp)]
+    if model != "DiffuSSM":
+        for config in configs:
+            with config.unlocked():
+                config.model, config.model_overrides.num_heads = model, 4
+                config.model_overrides.pos_embed = config.model_overrides.state_size = None
+    one = _train_step_flops_per_device(configs[0], global_batch=8)
+    eight = _train_step_flops_per_device(configs[1], global_batch=8)
+    print(f"per-device FLOPs on 8 devices / one device: {eight / one:.3f}")
+    assert eight < 0.25 * one, (eight, one)

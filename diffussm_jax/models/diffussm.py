@@ -99,6 +99,7 @@ class DiffuSSMBlock(nn.Module):
         batch, short_len, width = x.shape
         ratio = self.hourglass_ratio
         act = activation_fn(self.activation)
+        x = layers.constrain_batch(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         shift, scale, gate = layers.AdaLNModulation(3, width, name="adaLN_modulation", **kw)(c)
@@ -120,7 +121,7 @@ class DiffuSSMBlock(nn.Module):
             dt_max=self.dt_max,
             backend=self.ssm_backend,
             name="ssm",
-        )(u)  # (B, L, 2D)
+        )(layers.constrain_batch(u))  # (B, L, 2D)
 
         # Wdown: block-diagonal over sub-positions, each 2D -> 2D/M; back to (B, J, 2D).
         y = y.reshape(batch, short_len, ratio, 2 * width)
@@ -132,7 +133,7 @@ class DiffuSSMBlock(nn.Module):
         gate_branch = act(Dense(2 * width, axes=("embed", "hidden"), name="W1", **kw)(x_mod))
         value = act(Dense(2 * width, axes=("hidden", "hidden_out"), name="W2", **kw)(x_short))
         out = Dense(width, axes=("hidden", "embed"), name="W3", **kw)(value * gate_branch)
-        return x + gate[:, None, :] * out
+        return layers.constrain_batch(x + gate[:, None, :] * out)
 
 
 class _ScannedBlock(DiffuSSMBlock):

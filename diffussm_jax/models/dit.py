@@ -30,6 +30,7 @@ from diffussm_jax.models.layers import (
     Dense,
     Dtype,
     FinalLayer,
+    constrain_batch,
     layer_norm,
     modulate,
     sincos_pos_embed_2d,
@@ -137,6 +138,7 @@ class DiTBlock(nn.Module):
         Returns a (carry, output) pair because that is the signature `nn.scan` needs.
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = constrain_batch(x)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(
             6, self.hidden_size, name="adaLN_modulation", **kw
         )(c)
@@ -149,7 +151,7 @@ class DiTBlock(nn.Module):
             modulate(layer_norm(x), shift_mlp, scale_mlp)
         )
         x = x + gate_mlp[:, None, :] * h
-        return x, None
+        return constrain_batch(x), None
 
 
 class DiT(nn.Module):

@@ -243,3 +243,9 @@ class FinalLayer(nn.Module):
         return Dense(
             self.out_features, axes=("embed", "patch"), kernel_init=zeros, name="linear", **kw
         )(x)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Marks x's leading axis as the logical "batch" axis (a sharding constraint when logical
+    axis rules and a mesh are active, as in the train step; otherwise nothing)."""
+    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))

@@ -19,6 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the global batch is split over every device
 
+# Activations: the batch axis of a block's input and output stays split over every device. Without
+# this, under FSDP the partitioner may gather the activations of the whole batch instead of the
+# weights (each device then computes every example of its FSDP group).
+ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (("batch", BATCH_AXES),)
+
 # Logical axis -> mesh axis, tried in order (see `logical_to_mesh_spec`): a mesh axis already used
 # by another dimension of the same tensor, or one that does not divide the dimension, is skipped,
 # so a ("hidden", "hidden_out") kernel is split on its first dimension only.

@@ -179,6 +179,19 @@ def nonfinite_quantity(metrics: dict[str, Any]) -> str:
     return "updated parameters / optimizer state (finite loss and gradients)"
 
 
+def abstract_batch(config, mesh: Mesh, global_batch: int | None = None) -> Batch:
+    """Shapes, dtypes and shardings of a training batch, for compiling ahead of time."""
+    global_batch = global_batch or config.global_batch_size
+    size, channels = config.data.image_size, config.data.channels
+    split = sharding.batch_sharding(mesh)
+    return {
+        "image": jax.ShapeDtypeStruct(
+            (global_batch, size, size, channels), jnp.float32, sharding=split
+        ),
+        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=split),
+    }
+
+
 def make_train_step(config, model: nn.Module, diffusion, tx, mesh: Mesh, state_shardings: Any):
     """`train_step` jitted with explicit shardings and the state donated."""
     step = functools.partial(
@@ -190,8 +203,17 @@ def make_train_step(config, model: nn.Module, diffusion, tx, mesh: Mesh, state_s
         ema_warmup=config.ema_warmup,
         grad_accum_steps=config.grad_accum_steps,
     )
+
+    def sharded_step(state, batch):
+        # The model's activation constraints (`layers.constrain_batch`) bind to this mesh.
+        with (
+            jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+            nn.logical_axis_rules(sharding.ACTIVATION_RULES),
+        ):
+            return step(state, batch)
+
     return jax.jit(
-        step,
+        sharded_step,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,

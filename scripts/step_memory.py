@@ -1,0 +1,126 @@
+"""Temporary memory of the train step, split into a per-example slope and an intercept.
+
+The trainer's own train step (AdamW, EMA, non-finite guard) is compiled ahead of time on fake
+CPU devices with abstract inputs (nothing is allocated), at two per-device batch sizes, and XLA's
+memory analysis gives the temporaries: slope = their growth per example on a device, intercept =
+what is left at zero examples (the part that does not shrink with the batch).
+
+    python scripts/step_memory.py --depth=4 --resolution=512 --remat --layouts=1x1,8x1,1x8
+
+Layouts are data x fsdp; each compiles in its own process with that many fake devices. `--depth`
+trims the model to fewer layers so that the compile takes seconds; the per-layer parts scale
+with the depth. The FLOPs column is XLA's count for one device's program at the larger batch:
+the per-device batch is the same in every layout, so a layout whose figure is well above the
+1 x 1 one makes its devices compute other devices' examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2**30
+
+
+def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> dict:
+    """One compile in this process (the fake devices are already set)."""
+    import jax
+
+    sys.path.insert(0, REPO)
+    from configs import imagenet256
+    from diffussm_jax.training import sharding, train_state, train_step, trainer
+
+    devices = data * fsdp
+    global_batch = per_device_batch * devices
+    config = imagenet256.get_config(f"model={model},batch={global_batch}", resolution=resolution)
+    config.mesh.data, config.mesh.fsdp = data, fsdp
+    config.remat = remat
+    config.model_overrides.depth = depth
+    mesh = sharding.create_mesh(data, fsdp, jax.devices()[:devices])
+    net = train_state.build_model(config)
+    tx = train_state.create_optimizer(config)
+    abstract, shardings = train_state.abstract_train_state(config, net, tx, mesh)
+    batch = train_step.abstract_batch(config, mesh, global_batch)
+    diffusion = trainer.create_diffusion(config)
+    step = train_step.make_train_step(config, net, diffusion, tx, mesh, shardings)
+    compiled = step.lower(abstract, batch).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"temp": memory.temp_size_in_bytes, "flops": float(cost.get("flops", 0.0))}
+
+
+def run_layout(args, data: int, fsdp: int) -> dict:
+    """Both batch sizes of one layout, each in a subprocess with data x fsdp fake devices."""
+    results = []
+    for per_device_batch in args.batches:
+        spec = dict(
+            model=args.model,
+            depth=args.depth,
+            resolution=args.resolution,
+            data=data,
+            fsdp=fsdp,
+            per_device_batch=per_device_batch,
+            remat=args.remat,
+        )
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={data * fsdp}"
+        output = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    (b1, b2), (m1, m2) = args.batches, results
+    slope = (m2["temp"] - m1["temp"]) / (b2 - b1)
+    return {
+        "layout": f"{data} x {fsdp}",
+        "temp_small": m1["temp"] / GiB,
+        "temp_large": m2["temp"] / GiB,
+        "slope": slope / GiB,
+        "intercept": (m1["temp"] - slope * b1) / GiB,
+        "flops": m2["flops"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="DiffuSSM-XL")
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--layouts", default="1x1,8x1,1x8", help="data x fsdp, comma-separated")
+    parser.add_argument("--batches", default="1,2", help="two per-device batch sizes")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure(**json.loads(args.worker))))
+        return
+    args.batches = [int(b) for b in args.batches.split(",")]
+    print(
+        f"{args.model}, depth {args.depth}, {args.resolution} px, remat {args.remat}, "
+        f"per-device batch {args.batches[0]} and {args.batches[1]}:\n"
+    )
+    print(
+        "| data x fsdp | temp GiB (small batch) | temp GiB (large) | GiB per example "
+        "| intercept GiB | TFLOP per device (large) |"
+    )
+    print("|---|---|---|---|---|---|")
+    for layout in args.layouts.split(","):
+        data, fsdp = (int(x) for x in layout.split("x"))
+        row = run_layout(args, data, fsdp)
+        print(
+            f"| {row['layout']} | {row['temp_small']:.2f} | {row['temp_large']:.2f} | "
+            f"{row['slope']:.3f} | {row['intercept']:.2f} | {row['flops'] / 1e12:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
