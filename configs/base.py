@@ -43,7 +43,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
     config.learn_sigma = True
     config.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
-    config.remat = False
+    # Backward-pass recomputation: none | full | save_matmuls | ssm_only (models.layers).
+    config.remat = "none"
     config.scan_layers = True
 
     # Data (a tfds array_record dataset read by grain; see diffussm_jax.data).

@@ -28,7 +28,7 @@ VAE_PATH = "weights/sd-vae-ft-ema"
 def apply_smoke(config) -> None:
     """Shrinks a latent config to a seconds-per-step CPU check of the whole pipeline."""
     config.dtype = "float32"
-    config.remat = False
+    config.remat = "none"
     config.model_overrides.hidden_size = 32
     config.model_overrides.depth = 2
     config.model_overrides.state_size = 8
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None, resolution: int = 256, num_train_steps: i
     config = base.get_base_config()
     config.model = args.model
     config.dtype = "bfloat16"
-    config.remat = True
+    config.remat = "full"
     config.data.name = f"imagenet2012_latents_{resolution}"
     config.data.image_key = "latent"
     config.data.image_size = resolution // 8

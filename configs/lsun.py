@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
         raise ValueError(f"unknown LSUN category {args.category!r}; choose one of {CATEGORIES}.")
     config = base.get_base_config()
     config.model = args.model
-    config.remat = True
+    config.remat = "full"
     config.data.name = f"lsun_{args.category}_latents_256"
     config.data.image_key = "latent"
     config.data.label_key = None

@@ -235,9 +235,11 @@ def main() -> None:
     parser.add_argument("--global_batch", type=int, default=256, help="the papers' batch: 256")
     parser.add_argument(
         "--remat",
-        type=lambda s: s.lower() in ("1", "true", "yes"),
-        default=True,
-        help="rematerialise each block in the backward pass (the ImageNet configs' default)",
+        type=lambda s: {"1": "full", "true": "full", "0": "none", "false": "none"}.get(
+            s.lower(), s
+        ),
+        default="full",
+        help="none | full | save_matmuls | ssm_only (full: the ImageNet configs' default)",
     )
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     parser.add_argument(

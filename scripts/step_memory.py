@@ -5,13 +5,15 @@ CPU devices with abstract inputs (nothing is allocated), at two per-device batch
 memory analysis gives the temporaries: slope = their growth per example on a device, intercept =
 what is left at zero examples (the part that does not shrink with the batch).
 
-    python scripts/step_memory.py --depth=4 --resolution=512 --remat --layouts=1x1,8x1,1x8
+    python scripts/step_memory.py --depth=4 --resolution=512 --remat=full --layouts=1x1,8x1,1x8
 
 Layouts are data x fsdp; each compiles in its own process with that many fake devices. `--depth`
 trims the model to fewer layers so that the compile takes seconds; the per-layer parts scale
 with the depth. The FLOPs column is XLA's count for one device's program at the larger batch:
 the per-device batch is the same in every layout, so a layout whose figure is well above the
-1 x 1 one makes its devices compute other devices' examples.
+1 x 1 one makes its devices compute other devices' examples. The last column counts XLA's
+"involuntary full rematerialization" warnings (a tensor gathered to be re-split) in both
+compiles.
 """
 
 from __future__ import annotations
@@ -69,14 +71,17 @@ def run_layout(args, data: int, fsdp: int) -> dict:
         )
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={data * fsdp}"
-        output = subprocess.run(
+        done = subprocess.run(
             [sys.executable, __file__, "--worker", json.dumps(spec)],
             env=env,
             check=True,
             capture_output=True,
             text=True,
-        ).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
+        )
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        # XLA's warning when it all-gathers a tensor to re-split it another way.
+        result["regathers"] = done.stderr.count("Involuntary full rematerialization")
+        results.append(result)
     (b1, b2), (m1, m2) = args.batches, results
     slope = (m2["temp"] - m1["temp"]) / (b2 - b1)
     return {
@@ -86,6 +91,7 @@ def run_layout(args, data: int, fsdp: int) -> dict:
         "slope": slope / GiB,
         "intercept": (m1["temp"] - slope * b1) / GiB,
         "flops": m2["flops"],
+        "regathers": m1["regathers"] + m2["regathers"],
     }
 
 
@@ -94,7 +100,9 @@ def main() -> None:
     parser.add_argument("--model", default="DiffuSSM-XL")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument(
+        "--remat", default="none", help="none | full | save_matmuls | ssm_only (see the models)"
+    )
     parser.add_argument("--layouts", default="1x1,8x1,1x8", help="data x fsdp, comma-separated")
     parser.add_argument("--batches", default="1,2", help="two per-device batch sizes")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -109,15 +117,16 @@ def main() -> None:
     )
     print(
         "| data x fsdp | temp GiB (small batch) | temp GiB (large) | GiB per example "
-        "| intercept GiB | TFLOP per device (large) |"
+        "| intercept GiB | TFLOP per device (large) | regather warnings |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for layout in args.layouts.split(","):
         data, fsdp = (int(x) for x in layout.split("x"))
         row = run_layout(args, data, fsdp)
         print(
             f"| {row['layout']} | {row['temp_small']:.2f} | {row['temp_large']:.2f} | "
-            f"{row['slope']:.3f} | {row['intercept']:.2f} | {row['flops'] / 1e12:.2f} |",
+            f"{row['slope']:.3f} | {row['intercept']:.2f} | {row['flops'] / 1e12:.2f} | "
+            f"{row['regathers']} |",
             flush=True,
         )
 

@@ -229,6 +229,45 @@ def test_scan_remat_and_unrolled_agree(family):
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "family,policy",
+    [
+        ("DiffuSSM-S", "full"),
+        ("DiffuSSM-S", "save_matmuls"),
+        ("DiffuSSM-S", "ssm_only"),
+        ("DiT-S/2", "save_matmuls"),
+    ],
+)
+def test_remat_policies_change_memory_not_values_or_gradients(family, policy):
+    """Each remat policy computes the same loss and gradients as none; the jaxpr holds a
+    remat (checkpoint) primitive, so the policy was applied."""
+    x, t, y = inputs(size=8)
+    plain = tiny(family, input_size=8)
+    params = randomize(
+        nn.meta.unbox(plain.init(jax.random.key(0), x, t, y))["params"], jax.random.key(6)
+    )
+    rematted = tiny(family, input_size=8, remat=policy)
+
+    def loss(model, params):
+        return jnp.mean(jnp.sin(model.apply({"params": params}, x, t, y)))
+
+    value, grads = jax.value_and_grad(functools.partial(loss, plain))(params)
+    value_r, grads_r = jax.value_and_grad(functools.partial(loss, rematted))(params)
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    for got, want in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    jaxpr = str(jax.make_jaxpr(jax.grad(functools.partial(loss, rematted)))(params))
+    assert "checkpoint" in jaxpr or "remat" in jaxpr
+
+
+def test_unknown_remat_policy_and_ssm_only_on_dit_are_explained():
+    x, t, y = inputs(size=8)
+    with pytest.raises(ValueError, match=r"remat='everything'.*none.*save_matmuls"):
+        tiny("DiffuSSM-S", input_size=8, remat="everything").init(jax.random.key(0), x, t, y)
+    with pytest.raises(ValueError, match=r"ssm_only.*DiT takes none, full or save_matmuls"):
+        tiny("DiT-S/2", input_size=8, remat="ssm_only").init(jax.random.key(0), x, t, y)
+
+
 @pytest.mark.parametrize("family", ["DiffuSSM-S", "DiT-S/2"])
 def test_bfloat16_compute_close_to_float32(family):
     x, t, y = inputs(size=8)

@@ -91,6 +91,7 @@ class DiffuSSMBlock(nn.Module):
     dt_max: float = 0.1
     activation: str = "gelu_tanh"
     ssm_backend: ssm.Backend = "fft"
+    remat_ssm: bool = False  # recompute the SSM in the backward pass (remat="ssm_only")
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -113,7 +114,10 @@ class DiffuSSMBlock(nn.Module):
         u = act(up(h0))
         u = u.reshape(batch, short_len * ratio, width)
 
-        y = ssm.BidirectionalSSMModule(
+        ssm_cls = ssm.BidirectionalSSMModule
+        if self.remat_ssm:
+            ssm_cls = nn.remat(ssm_cls)
+        y = ssm_cls(
             width,
             state_size=self.state_size,
             ssm_init=self.ssm_init,
@@ -172,7 +176,7 @@ class DiffuSSM(nn.Module):
     pos_embed: str = "none"  # "none" (spec), "sincos" (fixed 2D, as DiT) or "learned"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # see layers.REMAT_POLICIES
     scan_layers: bool = True
 
     @property
@@ -244,8 +248,10 @@ class DiffuSSM(nn.Module):
             ssm_backend=self.ssm_backend,
             **kw,
         )
+        policy = layers.remat_policy(self.remat)
+        block_kw["remat_ssm"] = policy == "ssm_only"
         if self.scan_layers:
-            block_cls = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            block_cls = layers.remat_block(_ScannedBlock, policy, scanned=True)
             blocks = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
@@ -256,7 +262,7 @@ class DiffuSSM(nn.Module):
             )(name="blocks", **block_kw)
             h, _ = blocks(h, c)
         else:
-            block_cls = nn.remat(DiffuSSMBlock) if self.remat else DiffuSSMBlock
+            block_cls = layers.remat_block(DiffuSSMBlock, policy, scanned=False)
             for i in range(self.depth):
                 h = block_cls(name=f"blocks_{i}", **block_kw)(h, c)
 

@@ -33,6 +33,8 @@ from diffussm_jax.models.layers import (
     constrain_batch,
     layer_norm,
     modulate,
+    remat_block,
+    remat_policy,
     sincos_pos_embed_2d,
 )
 
@@ -178,7 +180,7 @@ class DiT(nn.Module):
     timestep_scale: float = 1.0  # 1000 for flow's t in [0, 1]; see layers.Conditioning
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # see layers.REMAT_POLICIES
     scan_layers: bool = True
 
     def __post_init__(self) -> None:
@@ -254,10 +256,10 @@ class DiT(nn.Module):
             **kw,
         )(t, y, train)  # (B, D)
 
-        block = DiTBlock
-        if self.remat:
-            # Under scan, CSE across iterations cannot happen, so its prevention only costs speed.
-            block = nn.remat(block, prevent_cse=not self.scan_layers)
+        policy = remat_policy(self.remat)
+        if policy == "ssm_only":
+            raise ValueError("remat='ssm_only' needs an SSM; DiT takes none, full or save_matmuls.")
+        block = remat_block(DiTBlock, policy, self.scan_layers)
         block_kw = dict(
             hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, **kw
         )

@@ -249,3 +249,39 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     """Marks x's leading axis as the logical "batch" axis (a sharding constraint when logical
     axis rules and a mesh are active, as in the train step; otherwise nothing)."""
     return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+# What the backward pass recomputes instead of storing (`remat` on the models):
+#   none          store every activation the gradient needs (fastest, most memory);
+#   full          store each block's input only, recompute the block;
+#   save_matmuls  store the outputs of matmuls without batch dimensions (the dense layers),
+#                 recompute the rest (norms, activations, the SSM's FFTs);
+#   ssm_only      recompute only the SSM layer inside each block (DiffuSSM only).
+REMAT_POLICIES = ("none", "full", "save_matmuls", "ssm_only")
+
+
+def remat_policy(value: bool | str | None) -> str:
+    """The remat policy named by a config value; True / False (also as text, as a command line
+    gives them) are "full" / "none"."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "full"
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"remat={value!r}; choose one of {REMAT_POLICIES} (or True / False).")
+    return value
+
+
+def remat_block(block_cls: type[nn.Module], policy: str, scanned: bool) -> type[nn.Module]:
+    """`block_cls` rematerialised as `policy` says (unchanged for "none" and "ssm_only")."""
+    if policy not in ("full", "save_matmuls"):
+        return block_cls
+    saved = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(
+        block_cls,
+        policy=saved if policy == "save_matmuls" else None,
+        # Under scan, CSE across iterations cannot happen, so its prevention only costs speed.
+        prevent_cse=not scanned,
+    )
