@@ -23,6 +23,7 @@ tests/test_object_storage.py starts fake-gcs-server itself.
 from __future__ import annotations
 
 import builtins
+import functools
 import io
 import os
 from typing import IO, Any
@@ -54,13 +55,6 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def dirname(path: str | os.PathLike) -> str:
-    path = os.fspath(path)
-    if is_remote(path):
-        return path.rstrip("/").rsplit("/", 1)[0]
-    return os.path.dirname(path)
-
-
 def basename(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     return path.rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else os.path.basename(path)
@@ -72,6 +66,7 @@ def _path(path: str | os.PathLike) -> epath.Path:
     return epath.Path(os.fspath(path))
 
 
+@functools.cache
 def _no_listing_cache() -> None:
     """Turns off fsspec's cache of bucket listings: other processes (and tensorstore, which
     writes orbax's arrays) change the bucket behind this process's back, and a stale listing

@@ -285,9 +285,9 @@ def fft_causal_conv(u: jax.Array, kernel: jax.Array) -> jax.Array:
     length = u.shape[1]
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u_f = batched_fft(jnp.fft.rfft, jnp.swapaxes(u.astype(dtype), 1, 2), n_fft)  # (B, H, F)
+    u_f = batched_fft("rfft", jnp.swapaxes(u.astype(dtype), 1, 2), n_fft)  # (B, H, F)
     k_f = _rows_fft(jnp.fft.rfft, kernel.astype(dtype), n_fft)  # (H, F)
-    y = batched_fft(jnp.fft.irfft, u_f * k_f, n_fft)[..., :length]  # (B, H, L)
+    y = batched_fft("irfft", u_f * k_f, n_fft)[..., :length]  # (B, H, L)
     return jnp.swapaxes(y, 1, 2)
 
 
@@ -482,14 +482,14 @@ def bidirectional_ssm(
     n_fft = fft_size(2 * length - 1)
     dtype = jnp.promote_types(u.dtype, jnp.float32)
     u_t = jnp.swapaxes(u.astype(dtype), 1, 2)  # (B, H, L)
-    u_f = batched_fft(jnp.fft.rfft, u_t, n_fft)[:, None]  # (B, 1, H, F)
+    u_f = batched_fft("rfft", u_t, n_fft)[:, None]  # (B, 1, H, F)
     kernels = s4d_kernel(*both[:3], length).astype(dtype)  # (2H, L)
     kernels = kernels.at[:, 0].add(both[3].astype(dtype))  # D u: D at lag 0
     kernels_f = _rows_fft(jnp.fft.rfft, kernels, n_fft).reshape(2, channels, -1)
     # Circular correlation sum_j K[j] u[l + j mod n] has no wrap-around for l, j < L <= n - L + 1.
     kernels_f = jnp.stack([kernels_f[0], jnp.conj(kernels_f[1])])  # (2, H, F)
     products = (u_f * kernels_f).reshape(batch, 2 * channels, -1)
-    y = batched_fft(jnp.fft.irfft, products, n_fft)[..., :length]  # (B, 2H, L)
+    y = batched_fft("irfft", products, n_fft)[..., :length]  # (B, 2H, L)
     return y.swapaxes(1, 2)
 
 
@@ -579,12 +579,10 @@ def _partitioned_transform(kind: str, n_fft: int, in_length: int, in_dtype: str)
     return apply
 
 
-def batched_fft(transform, x: jax.Array, n_fft: int) -> jax.Array:
-    """rfft / irfft (`transform`) of length n_fft along the last axis of x (..., T), with the
+def batched_fft(kind: str, x: jax.Array, n_fft: int) -> jax.Array:
+    """ "rfft" or "irfft" (`kind`) of length n_fft along the last axis of x (..., T), with the
     leading axes' sharding kept (see `_partitioned_transform`)."""
-    kind = {jnp.fft.rfft: "rfft", jnp.fft.irfft: "irfft"}[transform]
-    op = _partitioned_transform(kind, n_fft, x.shape[-1], jnp.dtype(x.dtype).name)
-    return op(x)
+    return _partitioned_transform(kind, n_fft, x.shape[-1], jnp.dtype(x.dtype).name)(x)
 
 
 # ----------------------------------------------------------------------------- references

