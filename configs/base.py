@@ -32,6 +32,12 @@ MODEL_OVERRIDE_FIELDS = {
 }
 
 
+# Fields that moved: an override of the old name fails with a message naming the new one.
+MOVED_FIELDS = {
+    "dtype": "precision.compute",
+}
+
+
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -42,7 +48,11 @@ def get_base_config() -> ml_collections.ConfigDict:
         {name: optional(kind) for name, kind in MODEL_OVERRIDE_FIELDS.items()}
     )
     config.learn_sigma = True
-    config.dtype = "bfloat16"  # compute dtype; parameters and optimizer state stay float32
+    # Which dtype holds what (diffussm_jax.models.precision): stored parameters (and so the
+    # optimizer state), matmul inputs and activations, the residual stream, the SSM's FFTs.
+    config.precision = ml_collections.ConfigDict(
+        dict(params="float32", compute="bfloat16", residual="float32", ssm="float32")
+    )
     # Backward-pass recomputation: none | full | save_matmuls | ssm_only (models.layers).
     config.remat = "none"
     config.scan_layers = True

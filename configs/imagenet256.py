@@ -27,7 +27,7 @@ VAE_PATH = "weights/sd-vae-ft-ema"
 
 def apply_smoke(config) -> None:
     """Shrinks a latent config to a seconds-per-step CPU check of the whole pipeline."""
-    config.dtype = "float32"
+    config.precision.compute = "float32"
     config.remat = "none"
     config.model_overrides.hidden_size = 32
     config.model_overrides.depth = 2
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None, resolution: int = 256, num_train_steps: i
     args = base.parse_arg(arg, model="DiffuSSM-XL", batch=256, smoke=False)
     config = base.get_base_config()
     config.model = args.model
-    config.dtype = "bfloat16"
+    config.precision.compute = "bfloat16"
     config.remat = "full"
     config.data.name = f"imagenet2012_latents_{resolution}"
     config.data.image_key = "latent"

@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     args = base.parse_arg(arg, smoke=False, model="DiffuSSM-S", steps=0)
     config = base.get_base_config()
     config.model = args.model
-    config.dtype = "float32"  # bfloat16 is slow on CPUs
+    config.precision.compute = "float32"  # bfloat16 is slow on CPUs
     # Four layers unrolled: XLA:CPU copies the stacked residuals of a layer scan at every layer,
     # which doubled the step time (docs/quickstart.md, "Throughput").
     config.scan_layers = False

@@ -73,7 +73,8 @@ class Options:
     backends: Sequence[str] = ("fft", "chunked")  # expands every DiffuSSM entry
     width: int = 256
     depth: int = 2
-    dtype: str = "float32"
+    # A named policy ("float32", "bfloat16") or role=dtype pairs (models.precision).
+    precision: str = "float32"
     input_sizes: Sequence[int] = (32,)  # latent side; L = input_size ** 2
     batch_sizes: Sequence[int] = (8,)  # descending: the largest that fits is used
     repeats: int = 3
@@ -244,13 +245,13 @@ class ModelSpec:
         """Length of the sequence the token mixer sees: L for DiffuSSM's SSM, T for DiT."""
         return (input_size // (1 if self.is_diffussm else self.patch_size)) ** 2
 
-    def build(self, input_size: int, dtype: str, scan_layers: bool, **overrides) -> nn.Module:
+    def build(self, input_size: int, precision: str, scan_layers: bool, **overrides) -> nn.Module:
         return models.create(
             self.name,
             input_size=input_size,
             in_channels=4,
             num_classes=1000,
-            dtype=jnp.dtype(dtype),
+            precision=models.Precision.parse(precision),
             scan_layers=scan_layers,
             **{**dict(self.overrides), **overrides},
         )
@@ -335,7 +336,7 @@ def train_step_fn(model: nn.Module, tx: optax.GradientTransformation) -> Callabl
     return train_step
 
 
-def _scanned_step_flops(spec: ModelSpec, kind: str, input_size: int, dtype: str, data) -> float:
+def _scanned_step_flops(spec: ModelSpec, kind: str, input_size: int, precision: str, data) -> float:
     """XLA flops of a step whose layers are scanned, data = (x, t, y[, target]).
 
     XLA counts a loop body once, so the per-layer cost comes from lowering unrolled depth-1 and
@@ -344,14 +345,14 @@ def _scanned_step_flops(spec: ModelSpec, kind: str, input_size: int, dtype: str,
     tx = optax.adam(1e-4)
 
     def flops_at(depth: int) -> float:
-        model = spec.build(input_size, dtype, False, depth=depth)
+        model = spec.build(input_size, precision, False, depth=depth)
         params = models.abstract_params(model)
         if kind == "forward":
             return xla_flops(jax.jit(forward_fn(model)).lower(params, *data))
         opt_state = jax.eval_shape(tx.init, params)
         return xla_flops(jax.jit(train_step_fn(model, tx)).lower(params, opt_state, *data))
 
-    depth = spec.build(input_size, dtype, True).depth
+    depth = spec.build(input_size, precision, True).depth
     one, two = flops_at(1), flops_at(2)
     return one + (depth - 1) * (two - one)
 
@@ -369,7 +370,7 @@ class _Step:
 
 
 def _compile_step(spec: ModelSpec, kind: str, input_size: int, batch_size: int, options) -> _Step:
-    model = spec.build(input_size, options.dtype, options.scan_layers)
+    model = spec.build(input_size, options.precision, options.scan_layers)
     params = _init_params(spec, options.scan_layers)
     x, t, y, target = _inputs(model, batch_size)
     if kind == "forward":
@@ -427,7 +428,7 @@ def prepare_model(
         )
         if options.scan_layers:
             data = step.args[1:] if kind == "forward" else step.args[2:]
-            flops = _scanned_step_flops(spec, kind, input_size, options.dtype, data)
+            flops = _scanned_step_flops(spec, kind, input_size, options.precision, data)
             row["xla_gflop"] = flops / 1e9
         else:
             row["xla_gflop"] = xla_flops(step.compiled) / 1e9
@@ -490,7 +491,7 @@ def time_all(
         if peak_rate:
             m.row["dense_frac_of_matmul"] = m.row["dense_tflops"] * 1e12 / peak_rate
             m.row["xla_frac_of_matmul"] = m.row["xla_tflops"] * 1e12 / peak_rate
-        nominal = nominal_peak(options.dtype)
+        nominal = nominal_peak(models.Precision.parse(options.precision).compute)
         if nominal:
             m.row["mfu_nominal"] = m.row["dense_tflops"] * 1e12 / nominal
         m.row.setdefault("status", "ok")
@@ -525,7 +526,7 @@ def _with_context(row: Row, options: Options, backend: str, batch_size: int) -> 
         "load_1min": row.get("load_1min", load_average()),
         "machine": machine_description(),
         "backend": backend,
-        "dtype": options.dtype,
+        "precision": models.Precision.parse(options.precision).name,
         "batch": batch_size,
         "command": options.command,
     }
@@ -575,7 +576,7 @@ def run_throughput(options: Options) -> list[Row]:
     used (`predict_batch_size`); without `interleave` a batch that fails to allocate falls back
     to the next smaller candidate.
     """
-    rate = matmul_rate(options.dtype, options.matmul_size)
+    rate = matmul_rate(models.Precision.parse(options.precision).compute, options.matmul_size)
     kinds = ("train",) if options.train_only else ("forward", "train")
     specs = model_specs(options.models, options.backends, options.width, options.depth)
     measurements: list[Measurement] = []
@@ -642,7 +643,7 @@ def _bidirectional_steps(width: int, length: int, batch: int, options: Options, 
         width, state_size=options.state_size, backend=backend, chunk_size=chunk
     )
     u = jnp.asarray(np.random.default_rng(0).normal(size=(batch, length, width)), jnp.float32)
-    u = u.astype(jnp.dtype(options.dtype))
+    u = u.astype(jnp.dtype(models.Precision.parse(options.precision).compute))
     params = nn.meta.unbox(layer.init(jax.random.key(0), u[:, :8]))["params"]
 
     def forward(params, u):
@@ -820,6 +821,7 @@ def write_report(
         f"# Benchmark: {options.mode}",
         "",
         f"- machine: {machine_description()}; jax {jax.__version__}",
+        f"- precision: {models.Precision.parse(options.precision).describe()}",
         f"- command: `{options.command}`",
         f"- written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, 1-min load average at the end "
         f"{load_average():.2f}",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -344,11 +344,13 @@ def _chunked_channel_major(
     c: jax.Array,
     skip: jax.Array | None,
     chunk_size: int,
+    dtype=None,
 ) -> jax.Array:
-    """`chunked_causal_ssm` on channel-major data: u (H, B, L) -> (H, B, L) float32/float64."""
+    """`chunked_causal_ssm` on channel-major data: u (H, B, L) -> (H, B, L) in `dtype` (unset:
+    float32, or float64 for float64 inputs)."""
     channels, batch, length = u.shape
     half = a.shape[1]
-    dtype = jnp.promote_types(u.dtype, jnp.float32)
+    dtype = jnp.promote_types(u.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
     operand_dtype = u.dtype if u.dtype == jnp.bfloat16 else dtype
     size = min(chunk_size, length)
     num_chunks = -(-length // size)
@@ -454,8 +456,14 @@ def bidirectional_ssm(
     *,
     backend: Backend = "fft",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    channels_first: bool = False,
+    dtype=None,
 ) -> jax.Array:
-    """[SSM_fwd(u), flip(SSM_bwd(flip(u)))] along the channels: (B, L, H) -> (B, L, 2H).
+    """[SSM_fwd(u), flip(SSM_bwd(flip(u)))] along the channels: (B, L, H) -> (B, L, 2H), or
+    (B, 2H, L) with `channels_first` (the layout the fft and chunked backends compute in, so
+    a caller that wants another layout can get it with a single transpose). `dtype`: what the
+    SSM computes in (float32 or float64; unset: float32, or float64 for float64 inputs); the
+    chunked backend's matmul operands stay bfloat16 for bfloat16 inputs.
 
     The first H outputs at position l depend on u[:l+1], the last H on u[l:]. Both directions
     run as one SSM of 2H channels (their parameters concatenated), so every op is issued once:
@@ -465,32 +473,48 @@ def bidirectional_ssm(
                flipped back; the flips fuse into the layout changes;
       scan     two causal scans with flips.
     """
-    batch, length, channels = u.shape
+    _, length, channels = u.shape
     both = [jnp.concatenate([f, b]) for f, b in zip(forward, backward, strict=True)]
+    dtype = jnp.promote_types(u.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
     if backend == "scan":
+        u = u.astype(dtype)
         anti = jnp.flip(causal_ssm(jnp.flip(u, 1), backward, backend="scan"), 1)
-        return jnp.concatenate([causal_ssm(u, forward, backend="scan"), anti], axis=-1)
+        y = jnp.concatenate([causal_ssm(u, forward, backend="scan"), anti], axis=-1)
+        return jnp.swapaxes(y, 1, 2) if channels_first else y
     if backend == "chunked":
         u_t = jnp.moveaxis(u, 2, 0)  # (H, B, L)
         y = _chunked_channel_major(
-            jnp.concatenate([u_t, jnp.flip(u_t, -1)]), *both[:3], both[3], chunk_size
+            jnp.concatenate([u_t, jnp.flip(u_t, -1)]), *both[:3], both[3], chunk_size, dtype
         )  # (2H, B, L)
         y = jnp.concatenate([y[:channels], jnp.flip(y[channels:], -1)])
-        return jnp.moveaxis(y, 0, 2)
+        return jnp.moveaxis(y, 0, 1 if channels_first else 2)
     if backend != "fft":
         raise ValueError(f"unknown SSM backend {backend!r}; choose one of {BACKENDS}.")
-    n_fft = fft_size(2 * length - 1)
-    dtype = jnp.promote_types(u.dtype, jnp.float32)
-    u_t = jnp.swapaxes(u.astype(dtype), 1, 2)  # (B, H, L)
-    u_f = batched_fft("rfft", u_t, n_fft)[:, None]  # (B, 1, H, F)
+    y = _fft_bidirectional(u, tuple(both), fft_size(2 * length - 1), dtype)  # (B, 2H, L)
+    return y if channels_first else jnp.swapaxes(y, 1, 2)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _fft_bidirectional(u: jax.Array, both: SSMParams, n_fft: int, dtype) -> jax.Array:
+    """The fft backend of `bidirectional_ssm`, both directions' parameters concatenated:
+    u (B, L, H) -> (B, 2H, L) in `dtype` (float32 or float64).
+
+    Rematerialised: the gradient keeps only u (in its own dtype, often bfloat16) and the
+    parameters, and recomputes the kernels' spectra and u's (one rfft of 2H rows and one of
+    B H rows per layer) instead of storing them: the (2, H, F) complex64 kernel spectrum is
+    72 MiB per layer at L = 4096 whatever the batch, and u's spectrum 8x the bytes of a
+    bfloat16 u.
+    """
+    batch, length, channels = u.shape
     kernels = s4d_kernel(*both[:3], length).astype(dtype)  # (2H, L)
     kernels = kernels.at[:, 0].add(both[3].astype(dtype))  # D u: D at lag 0
     kernels_f = _rows_fft(jnp.fft.rfft, kernels, n_fft).reshape(2, channels, -1)
     # Circular correlation sum_j K[j] u[l + j mod n] has no wrap-around for l, j < L <= n - L + 1.
     kernels_f = jnp.stack([kernels_f[0], jnp.conj(kernels_f[1])])  # (2, H, F)
+    u_t = jnp.swapaxes(u.astype(dtype), 1, 2)  # (B, H, L)
+    u_f = batched_fft("rfft", u_t, n_fft)[:, None]  # (B, 1, H, F)
     products = (u_f * kernels_f).reshape(batch, 2 * channels, -1)
-    y = batched_fft("irfft", products, n_fft)[..., :length]  # (B, 2H, L)
-    return y.swapaxes(1, 2)
+    return batched_fft("irfft", products, n_fft)[..., :length]  # (B, 2H, L)
 
 
 def _rows_fft(transform, rows: jax.Array, n_fft: int) -> jax.Array:
@@ -704,7 +728,8 @@ class BidirectionalSSMModule(nn.Module):
     """(B, L, H) -> (B, L, 2H): [causal S4D(u), flip(S4D'(flip(u)))] with independent parameters.
 
     The first H channels at position l depend only on u[:l+1], the last H only on u[l:].
-    Build it with `BidirectionalSSM(features, init=...)`; `backend` as in `S4DModule`.
+    Build it with `BidirectionalSSM(features, init=...)`; `backend` as in `S4DModule`;
+    `channels_first` returns (B, 2H, L) instead (see `bidirectional_ssm`).
     """
 
     features: int
@@ -714,6 +739,8 @@ class BidirectionalSSMModule(nn.Module):
     dt_max: float = 0.1
     backend: Backend = "fft"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    channels_first: bool = False
+    dtype: Any = None  # what the SSM computes in; unset: float32 (float64 for float64 inputs)
 
     def setup(self) -> None:
         kw = dict(
@@ -739,6 +766,8 @@ class BidirectionalSSMModule(nn.Module):
             self.backward.ssm_params(),
             backend=self.backend,
             chunk_size=self.chunk_size,
+            channels_first=self.channels_first,
+            dtype=self.dtype,
         )
         return y.astype(u.dtype)
 

@@ -6,7 +6,7 @@
     python -m launch.benchmark --mode=ssm --width=256 --lengths=1024,4096,16384
     # accelerator (see scripts/gpu_bench.sh):
     python -m launch.benchmark --mode=throughput --models=DiffuSSM-XL,DiT-XL/2 \
-        --dtype=bfloat16 --scan_layers --train_only --batch_sizes=256,128,64,32
+        --precision=bfloat16 --scan_layers --train_only --batch_sizes=256,128,64,32
 
 Writes <out_dir>/<mode>.md, .csv and .png; see diffussm_jax/benchmark.py for what is measured.
 """
@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from diffussm_jax import benchmark
+from diffussm_jax import benchmark, models
 from launch import cli
 
 _DEFAULTS = benchmark.Options()
@@ -29,7 +29,24 @@ flags.DEFINE_integer(
     "width", _DEFAULTS.width, "D of the 'DiffuSSM' / 'DiT/<p>' models and ssm mode."
 )
 flags.DEFINE_integer("depth", _DEFAULTS.depth, "Depth of the 'DiffuSSM' / 'DiT/<p>' models.")
-flags.DEFINE_enum("dtype", _DEFAULTS.dtype, ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_string(
+    "precision",
+    _DEFAULTS.precision,
+    "float32, bfloat16 (bf16 compute; params, residual stream and SSM float32) or role=dtype "
+    "pairs, e.g. compute=bfloat16,residual=bfloat16 (diffussm_jax/models/precision.py).",
+)
+flags.DEFINE_alias("dtype", "precision")  # the flag's name before the policy had four roles
+
+
+@flags.validator("precision")
+def _known_precision(text: str) -> bool:
+    try:
+        models.Precision.parse(text)
+    except models.PrecisionError as error:
+        raise flags.ValidationError(str(error)) from None
+    return True
+
+
 flags.DEFINE_list("input_sizes", None, "Latent sides (L = side^2); mode defaults if unset.")
 flags.DEFINE_list("batch_sizes", None, "Per-device batch sizes, descending; largest that fits.")
 flags.DEFINE_integer("repeats", _DEFAULTS.repeats, "Timed calls per measurement (best is kept).")
@@ -73,7 +90,7 @@ def main(argv):
         backends=tuple(FLAGS.backends or defaults["backends"]),
         width=FLAGS.width,
         depth=FLAGS.depth,
-        dtype=FLAGS.dtype,
+        precision=FLAGS.precision,
         input_sizes=ints("input_sizes", defaults["input_sizes"]),
         batch_sizes=ints("batch_sizes", defaults["batch_sizes"]),
         repeats=FLAGS.repeats,

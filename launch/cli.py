@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from configs import base
+
 USAGE_EXIT_STATUS = 2
 # What parsing raises for a user's mistake: absl's flag errors, ml_collections' unknown field
 # (AttributeError / KeyError) and wrong value (TypeError / ValueError), a config argument our
@@ -68,12 +70,15 @@ def describe(error: Exception, args: list[str]) -> str:
     text = _message(error)
     if "Traceback (most recent call last)" in text:  # a config file's error, as text
         text = text.rstrip().splitlines()[-1]
-    field = re.match(r"'([^']+)'\n?(.*)", text, re.DOTALL)
+    # ml_collections names the field in quotes with a did-you-mean, or bare when it has none.
+    field = re.match(r"'([^']+)'\n?(.*)", text, re.DOTALL) or re.fullmatch(r"(\w+)()", text)
     if isinstance(error, (AttributeError, KeyError)) and field:
         name, hint = field.group(1), field.group(2).strip()
         culprit = next((a for a in args if re.match(rf"--config\.(\S+\.)?{name}=", a)), None)
+        moved = base.MOVED_FIELDS.get(name)
         sentences = [
             f"the config has no field {name!r}.",
+            f"It is now {moved!r}: --config.{moved}=VALUE." if moved else "",
             re.sub(r' instead of "[^"]+"', "", hint),  # the did-you-mean, if any
             "Overrides are --config.FIELD=VALUE with FIELD from the config file "
             "(configs/base.py lists them).",

@@ -21,7 +21,7 @@ Config files are Python and are executed: only pass config files you trust.
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffussm_jax import training
+from diffussm_jax import models, training
 from diffussm_jax.training import checkpoint
 from launch import cli, console, multiprocess
 
@@ -42,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(checkpoint.UnsupportedCheckpointLocation,))
+    cli.run(main, user_errors=(checkpoint.UnsupportedCheckpointLocation, models.PrecisionError))

@@ -26,7 +26,7 @@ fi
 OUT_DIR=${OUT_DIR:-docs/benchmarks/gpu}
 
 # --nointerleave: one configuration at a time, so that only one XL train state is in memory.
-common=(--mode=throughput --dtype=bfloat16 --scan_layers --train_only --nointerleave
+common=(--mode=throughput --precision=bfloat16 --scan_layers --train_only --nointerleave
         --backends=fft,chunked --repeats=3 --time_budget_s=20 --out_dir="$OUT_DIR")
 if [[ "${1:-}" == "--tiny" ]]; then
   # Generic families at width 32, depth 1 (the XL models are far too big for a CPU), chunked

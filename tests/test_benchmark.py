@@ -73,7 +73,7 @@ def check_report(paths, mode):
     assert rows
     for row in rows:
         assert row["machine"].startswith("cpu") and row["command"] == f"test {mode}"
-        assert row["dtype"] and row["batch"] and row["backend"]
+        assert row["precision"] and row["batch"] and row["backend"]
     with open(paths["md"], encoding="utf-8") as f:
         assert f.read().count("\n|") >= len(rows) + 1
     assert os.path.getsize(paths["png"]) > 1000
@@ -193,6 +193,6 @@ def test_gpu_bench_script_tiny_cpu_path(tmp_path):
     rows = read_csv(os.path.join(tmp_path, "throughput.csv"))
     assert {r["model"] for r in rows} == {"DiffuSSM [chunked]", "DiT p2"}
     for row in rows:
-        assert row["status"] == "ok" and row["dtype"] == "bfloat16" and row["kind"] == "train"
+        assert row["status"] == "ok" and row["precision"] == "bfloat16" and row["kind"] == "train"
         assert row["batch"] == "4"  # the largest candidate fits
         assert float(row["xla_gflop"]) > 0

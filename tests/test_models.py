@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffussm_jax import models
+from diffussm_jax import hlo_stats, models
+from diffussm_jax.models import layers
+from diffussm_jax.models.diffussm import DiffuSSMBlock
 
 TINY = {
     "DiffuSSM": dict(hidden_size=32, depth=2, state_size=8),
@@ -111,7 +113,7 @@ def test_init_values(diffussm):
         assert float(jnp.abs(zero).max()) == 0.0
     # Xavier-uniform bound sqrt(6 / (fan_in + fan_out)) for each of the M Wdown maps (64 -> 32).
     wdown = blocks["Wdown"]["kernel"]
-    assert wdown.shape == (2, 2, 64, 32)
+    assert wdown.shape == (2, 2, 64, 32)  # (depth, M, in, out)
     bound = np.sqrt(6 / (64 + 32))
     assert float(jnp.abs(wdown).max()) <= bound and float(jnp.abs(wdown).max()) > 0.9 * bound
     emb = params["conditioning"]["y_embedder"]["embedding"]
@@ -330,3 +332,134 @@ def test_diffussm_xl_size_and_cost(xl_stats):
         assert abs(dense / (7.5 * seq_len * 1152**2 * 29 / 1e9) - 1) < 0.03
         # The SSM (FFTs and kernel generation) is a small part of the cost.
         assert 0 < breakdown["blocks.ssm"] < 0.1 * stats["forward_gmacs"]
+
+
+@pytest.mark.parametrize("name", ["gelu_tanh", "gelu", "silu"])
+def test_activations_keep_values_and_exact_gradients(name):
+    """The lean-gradient activations return the library's values bit for bit, and their
+    float64 gradients equal autodiff of the library's function."""
+    plain = {
+        "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+        "gelu": lambda x: nn.gelu(x, approximate=False),
+        "silu": nn.silu,
+    }[name]
+    lean = layers.activation_fn(name)
+    x32 = jnp.linspace(-6, 6, 1001, dtype=jnp.float32)
+    np.testing.assert_array_equal(lean(x32), plain(x32))
+    with jax.enable_x64():
+        x = jnp.linspace(-6, 6, 1001, dtype=jnp.float64)
+        got = jax.vmap(jax.grad(lean))(x)
+        want = jax.vmap(jax.grad(plain))(x)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_layer_norm_gradient_is_exact_in_float64():
+    def reference(x):
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-6)
+
+    rng = np.random.default_rng(0)
+    with jax.enable_x64():
+        x = jnp.asarray(3 + 2 * rng.normal(size=(4, 7, 48)))
+        g = jnp.asarray(rng.normal(size=x.shape))
+        y, vjp = jax.vjp(layers.layer_norm, x)
+        y_ref, vjp_ref = jax.vjp(reference, x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-10, atol=1e-12)
+
+
+def per_example_residual_bytes(block, x, c):
+    """Bytes per example that a block's backward pass keeps (the per-example leaves of the
+    vjp closure; shapes only, nothing computed)."""
+    variables = jax.eval_shape(block.init, jax.random.key(0), x, c)
+
+    def saved(variables, x, c):
+        return jax.tree.leaves(jax.vjp(lambda v, x: block.apply(v, x, c), variables, x)[1])
+
+    batch = x.shape[0]
+    return sum(
+        np.prod(a.shape[1:]) * a.dtype.itemsize
+        for a in jax.eval_shape(saved, variables, x, c)
+        if a.shape and a.shape[0] == batch
+    )
+
+
+def test_diffussm_block_backward_keeps_27_activation_sized_tensors():
+    """Without remat every layer's residuals are kept, so their size sets the memory per
+    example. In units of one (J, D) activation in the compute dtype, a block needs 27: the
+    normalised input and its modulation (2), W0's output and GELU slope (2), Wup's (2 x 2,
+    at length L = 2J), the SSM's input (2) and output (4), Wdown's, W1's and W2's outputs and
+    slopes (3 x 4), the gated product (2) and W3's output for the gate (1). JAX's own GELU,
+    LayerNorm and FFT gradients kept 73 (docs/pod.md)."""
+    batch, short_len, width = 3, 64, 32
+    block = DiffuSSMBlock(hidden_size=width, state_size=8, dtype=jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((batch, short_len, width), jnp.bfloat16)
+    c = jax.ShapeDtypeStruct((batch, width), jnp.bfloat16)
+    unit = short_len * width * 2
+    # + the LayerNorm's 1/std and the (1, D) modulation rows: a few bytes per token.
+    assert per_example_residual_bytes(block, x, c) <= 27 * unit + 8 * short_len + 4 * width
+
+
+def test_hourglass_projections_compile_without_layout_copies():
+    """Activation-sized copies (data moved to another layout) in the optimised HLO of one
+    DiffuSSM block's forward and backward pass, on XLA:CPU. 13 remain: the 4 moves of the
+    SSM's time-major layout in and out (forward and backward) and 1 in its recomputation;
+    Wdown's output interleaved back into (B, J, 2D) and its gradient (2, half-size); and one
+    per weight gradient of W0, Wup, Wdown, W1, W2 and W3 (6), which XLA:CPU makes for every
+    dense layer to contract over the tokens. With Wdown contracting over a sub-position axis
+    in the middle of (B, J, M, 2D) there were 21."""
+    batch, short_len, width = 3, 40, 24
+    block = DiffuSSMBlock(hidden_size=width, state_size=8, dtype=jnp.bfloat16)
+    x = jnp.ones((batch, short_len, width), jnp.bfloat16)
+    c = jnp.ones((batch, width), jnp.bfloat16)
+    variables = block.init(jax.random.key(0), x, c)
+
+    def loss(variables, x):
+        return block.apply(variables, x, c).astype(jnp.float32).sum()
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables, x).compile()
+    ops = hlo_stats.layout_ops(compiled.as_text(), min_elements=batch * short_len * width)
+    copies = [op for op in ops if op.opcode == "copy"]
+    assert len(copies) <= 13, [(op.shape, op.source) for op in copies]
+    assert not [op for op in ops if "Wup" in op.source or "Wdown" in op.source]
+
+
+def test_precision_policy_parses_names_and_pairs_and_explains_mistakes():
+    assert models.Precision.parse("bfloat16") == models.Precision(compute="bfloat16")
+    custom = models.Precision.parse("compute=bfloat16,residual=bfloat16")
+    assert (custom.params, custom.compute, custom.residual, custom.ssm) == (
+        "float32",
+        "bfloat16",
+        "bfloat16",
+        "float32",
+    )
+    assert custom.name == "compute=bfloat16,residual=bfloat16"
+    assert models.Precision.parse(custom.name) == custom
+    assert "residual stream float32" in models.Precision.parse("float32").describe()
+    with pytest.raises(models.PrecisionError, match=r"ROLE=DTYPE.*compute=bfloat16"):
+        models.Precision.parse("compute:bfloat16")
+    with pytest.raises(models.PrecisionError, match=r"compute='bf16'.*bfloat16"):
+        models.Precision.parse("compute=bf16")
+    with pytest.raises(models.PrecisionError, match=r"FFT.*float32 or float64"):
+        models.Precision(ssm="bfloat16")
+
+
+@pytest.mark.parametrize("family", ["DiffuSSM-S", "DiT-S/2"])
+@pytest.mark.parametrize("residual", ["float32", "bfloat16"])
+def test_precision_policy_sets_the_same_dtypes_in_both_models(family, residual):
+    """Parameters, the residual stream between blocks and the matmuls follow one policy."""
+    policy = models.Precision(params="float32", compute="bfloat16", residual=residual)
+    model = tiny(family, input_size=8, scan_layers=False, precision=policy)
+    x, t, y = inputs(size=8)
+    variables = model.init(jax.random.key(0), x, t, y)
+    params = nn.meta.unbox(variables)["params"]
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    out, state = model.apply(variables, x, t, y, capture_intermediates=True)
+    assert out.dtype == jnp.float32
+    for i in range(2):
+        (block_out,) = state["intermediates"][f"blocks_{i}"]["__call__"]
+        block_out = block_out[0] if isinstance(block_out, tuple) else block_out
+        assert block_out.dtype == jnp.dtype(residual)
+    dense = state["intermediates"]["blocks_0"]["mlp" if family.startswith("DiT") else "W0"]
+    assert dense["__call__"][0].dtype == jnp.bfloat16

@@ -63,9 +63,13 @@ def test_bidirectional_backends_equal_float64_reference(backend, kw):
         anti = jnp.flip(ssm.s4d_recurrence(jnp.flip(u, 1), *backward), 1)
         run = jax.jit(functools.partial(ssm.bidirectional_ssm, backend=backend, **kw))
         got = run(u, forward, backward)
+        channels_first = jax.jit(
+            functools.partial(ssm.bidirectional_ssm, backend=backend, channels_first=True, **kw)
+        )(u, forward, backward)
     chex.assert_shape(got, (2, 77, 6))
     np.testing.assert_allclose(got[..., :3], causal, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(got[..., 3:], anti, rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(channels_first, jnp.swapaxes(got, 1, 2))
 
 
 def test_scan_channel_groups_match_one_group():

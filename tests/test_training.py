@@ -574,6 +574,8 @@ def test_unknown_config_field_is_rejected(tmp_path):
         (["--config.model_overrides.dept=3"], r"overrides\.dept=3: .*no field 'dept'.*\"depth\""),
         (["--config.global_batch_size=abc"], r"global_batch_size=abc.*invalid literal"),
         (["--wrkdir=/tmp/x"], r"Unknown command line flag 'wrkdir'.*workdir"),
+        (["--config.dtype=bfloat16"], r"dtype=bfloat16: .*now 'precision.compute'"),
+        (["--config.precision.ssm=bfloat16"], r"ssm='bfloat16'.*FFT.*float32 or float64"),
     ],
 )
 def test_command_line_mistakes_end_with_one_message_and_status_2(tmp_path, args, expected):

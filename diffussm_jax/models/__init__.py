@@ -21,6 +21,7 @@ from flax import traverse_util
 from diffussm_jax import ssm
 from diffussm_jax.models.diffussm import DiffuSSM, DiffuSSMBlock
 from diffussm_jax.models.dit import DIT_VARIANTS, DiT
+from diffussm_jax.models.precision import Precision, PrecisionError
 
 # Depths for S/B/L are our choice (the paper names only the width); see the spec, section 4.
 DIFFUSSM_VARIANTS: dict[str, dict[str, Any]] = {
@@ -65,6 +66,7 @@ def create(
     in_channels: int,
     num_classes: int,
     learn_sigma: bool = True,
+    precision: Precision | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model; `overrides` replace any constructor field (e.g. depth=2).
@@ -75,6 +77,8 @@ def create(
       in_channels: C of x (4 for Stable Diffusion latents).
       num_classes: number of classes (0: unconditional); label `num_classes` is the null label.
       learn_sigma: output 2C channels (noise + variance interpolation) instead of C.
+      precision: the dtypes of parameters, compute, residual stream and SSM (`Precision`);
+        unset: the constructor's defaults (float32 throughout) or the dtypes in `overrides`.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}.")
@@ -85,6 +89,8 @@ def create(
         raise ValueError(
             f"{name} ({cls.__name__}) has no field(s) {unknown}; valid fields: {sorted(fields)}."
         )
+    if precision is not None:
+        overrides = {**precision.model_fields(has_ssm=cls is DiffuSSM), **overrides}
     kwargs = {**kwargs, **overrides}
     return cls(
         input_size=input_size,
@@ -228,6 +234,8 @@ __all__ = [
     "DiT",
     "DiffuSSM",
     "DiffuSSMBlock",
+    "Precision",
+    "PrecisionError",
     "abstract_params",
     "count_params",
     "create",

@@ -16,7 +16,6 @@ Token l of the full sequence is sub-position k = l mod M of short token j = l //
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -27,29 +26,23 @@ from diffussm_jax import ssm
 from diffussm_jax.models import layers
 from diffussm_jax.models.layers import Dense, partitioned
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "silu": nn.silu,
-}
-
-
 # Positional information added to the short tokens. The spec adds none, as the paper says the
 # SSM is position-aware; but a 1-D raster SSM locates a pixel's column only through kernels
 # periodic in the image width, and docs/quickstart.md measures what that costs a small model.
 POS_EMBEDS = ("none", "sincos", "learned")
 
 
-def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
-    return ACTIVATIONS[name]
+class SubpositionDense(nn.Module):
+    """M independent Linear maps, one per sub-position k of a short token (the hourglass).
 
+    The layouts make each a plain matmul, with no transpose or copy around it (a test counts
+    them in the optimised HLO):
 
-class GroupedDense(nn.Module):
-    """M independent Linear maps, one per sub-position: (..., M, in) -> (..., M, out).
+    shared_input=True (Wup)    x (..., in) -> (..., M, out), kernel (in, M, out): one matmul
+                               whose output rows are the M sub-positions' tokens in order;
+    shared_input=False (Wdown) x (M, ..., in) -> (M, ..., out), kernel (M, in, out): a batched
+                               matmul over the leading sub-position axis.
 
-    With `shared_input`, every map reads the same (..., in) input (Wup: D -> M*D as M maps).
     Xavier-uniform per map (fan_in = in, fan_out = out), zero bias.
     """
 
@@ -62,22 +55,22 @@ class GroupedDense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
-        kernel = self.param(
-            "kernel",
-            partitioned(init, (None, *self.axes)),
-            (self.groups, x.shape[-1], self.features),
-            self.param_dtype,
-        )
+        m, n_in, n_out = self.groups, x.shape[-1], self.features
+        if self.shared_input:
+            shape, axes, group_axis = (n_in, m, n_out), (self.axes[0], None, self.axes[1]), 1
+        else:
+            shape, axes, group_axis = (m, n_in, n_out), (None, *self.axes), 0
+        in_axis = 0 if self.shared_input else 1
+        init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=2, batch_axis=(group_axis,))
+        kernel = self.param("kernel", partitioned(init, axes), shape, self.param_dtype)
         bias = self.param(
-            "bias",
-            partitioned(layers.zeros, (None, self.axes[1])),
-            (self.groups, self.features),
-            self.param_dtype,
+            "bias", partitioned(layers.zeros, (None, self.axes[1])), (m, n_out), self.param_dtype
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        equation = "...i,mio->...mo" if self.shared_input else "...mi,mio->...mo"
-        return jnp.einsum(equation, x, kernel) + bias
+        if self.shared_input:
+            return jnp.einsum("...i,imo->...mo", x, kernel) + bias
+        bias = bias.reshape(m, *(1,) * (x.ndim - 2), n_out)
+        return jnp.einsum("m...i,mio->m...o", x, kernel) + bias
 
 
 class DiffuSSMBlock(nn.Module):
@@ -94,12 +87,13 @@ class DiffuSSMBlock(nn.Module):
     remat_ssm: bool = False  # recompute the SSM in the backward pass (remat="ssm_only")
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    ssm_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         batch, short_len, width = x.shape
         ratio = self.hourglass_ratio
-        act = activation_fn(self.activation)
+        act = layers.activation_fn(self.activation)
         x = layers.constrain_batch(x)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
@@ -107,12 +101,9 @@ class DiffuSSMBlock(nn.Module):
         x_mod = layers.modulate(layers.layer_norm(x), shift, scale)
 
         h0 = act(Dense(width, axes=("embed", "hidden"), name="W0", **kw)(x_mod))
-        # Wup: M maps D -> D, one per sub-position; (B, J, M, D) -> (B, L, D) in raster order.
-        up = GroupedDense(
-            ratio, width, shared_input=True, axes=("hidden", "hidden_out"), name="Wup", **kw
-        )
-        u = act(up(h0))
-        u = u.reshape(batch, short_len * ratio, width)
+        # Wup: M maps D -> D of the same input; (B, J, M, D) is (B, L, D) in raster order.
+        up = SubpositionDense(ratio, width, shared_input=True, name="Wup", **kw)
+        u = act(up(h0)).reshape(batch, short_len * ratio, width)
 
         ssm_cls = ssm.BidirectionalSSMModule
         if self.remat_ssm:
@@ -124,20 +115,23 @@ class DiffuSSMBlock(nn.Module):
             dt_min=self.dt_min,
             dt_max=self.dt_max,
             backend=self.ssm_backend,
+            channels_first=True,
+            dtype=self.ssm_dtype,
             name="ssm",
-        )(layers.constrain_batch(u))  # (B, L, 2D)
+        )(layers.constrain_batch(u))  # (B, 2D, L), the layout the SSM computes in
 
-        # Wdown: block-diagonal over sub-positions, each 2D -> 2D/M; back to (B, J, 2D).
-        y = y.reshape(batch, short_len, ratio, 2 * width)
-        down = GroupedDense(
-            ratio, 2 * width // ratio, axes=("hidden", "hidden_out"), name="Wdown", **kw
-        )
-        x_short = act(down(y)).reshape(batch, short_len, 2 * width)
+        # Wdown: M maps 2D -> 2D/M, one per sub-position, batched over a leading sub-position
+        # axis. One transpose takes the SSM's output there (it would take one to (B, L, 2D)
+        # anyway); the way back to (B, J, 2D) is on Wdown's output, half the size.
+        y = y.reshape(batch, 2 * width, short_len, ratio).transpose(3, 0, 2, 1)  # (M, B, J, 2D)
+        down = SubpositionDense(ratio, 2 * width // ratio, name="Wdown", **kw)
+        x_short = act(down(y)).transpose(1, 2, 0, 3).reshape(batch, short_len, 2 * width)
 
         gate_branch = act(Dense(2 * width, axes=("embed", "hidden"), name="W1", **kw)(x_mod))
         value = act(Dense(2 * width, axes=("hidden", "hidden_out"), name="W2", **kw)(x_short))
         out = Dense(width, axes=("hidden", "embed"), name="W3", **kw)(value * gate_branch)
-        return layers.constrain_batch(x + gate[:, None, :] * out)
+        # The sum keeps the residual stream's dtype (see models.precision).
+        return layers.constrain_batch((x + gate[:, None, :] * out).astype(x.dtype))
 
 
 class _ScannedBlock(DiffuSSMBlock):
@@ -174,8 +168,10 @@ class DiffuSSM(nn.Module):
     activation: str = "gelu_tanh"
     ssm_backend: ssm.Backend = "fft"
     pos_embed: str = "none"  # "none" (spec), "sincos" (fixed 2D, as DiT) or "learned"
-    dtype: Any = jnp.float32
+    dtype: Any = jnp.float32  # compute; the dtypes are set together by models.precision
     param_dtype: Any = jnp.float32
+    residual_dtype: Any = jnp.float32
+    ssm_dtype: Any = jnp.float32
     remat: bool | str = False  # see layers.REMAT_POLICIES
     scan_layers: bool = True
 
@@ -214,6 +210,7 @@ class DiffuSSM(nn.Module):
         # Raster order; M horizontally adjacent pixels form one short token.
         tokens = x.reshape(batch, short_len, ratio * channels).astype(self.dtype)
         h = Dense(dim, axes=("patch", "embed"), name="x_embedder", **kw)(tokens)
+        h = h.astype(self.residual_dtype)
         if self.pos_embed == "learned":
             pos = self.param(
                 "pos_embed",
@@ -221,11 +218,11 @@ class DiffuSSM(nn.Module):
                 (short_len, dim),
                 self.param_dtype,
             )
-            h = h + pos.astype(self.dtype)
+            h = h + pos.astype(h.dtype)
         elif self.pos_embed == "sincos":
             # Short token j sits at row j // (W / M), column j % (W / M) of the latent.
             pos = layers.sincos_pos_embed_2d(dim, height, width // ratio)
-            h = h + jnp.asarray(pos, self.dtype)
+            h = h + jnp.asarray(pos, h.dtype)
         c = layers.Conditioning(
             self.num_classes,
             dim,
@@ -246,6 +243,7 @@ class DiffuSSM(nn.Module):
             dt_max=self.dt_max,
             activation=self.activation,
             ssm_backend=self.ssm_backend,
+            ssm_dtype=self.ssm_dtype,
             **kw,
         )
         policy = layers.remat_policy(self.remat)

@@ -31,6 +31,7 @@ from diffussm_jax.models.layers import (
     Dtype,
     FinalLayer,
     constrain_batch,
+    gelu_tanh,
     layer_norm,
     modulate,
     remat_block,
@@ -72,16 +73,33 @@ def unpatchify(x: jax.Array, patch_size: int, grid_size: int) -> jax.Array:
     return x.reshape(batch, grid_size * p, grid_size * p, channels)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto"
+) -> jax.Array:
     """Softmax attention. q, k, v: (B, T, heads, head_dim) -> (B, T, heads, head_dim).
 
-    Logits are accumulated and normalised in float32 whatever the input dtype: softmax exponentiates
-    logit differences, so bfloat16's 8-bit mantissa would turn rounding into visible weight errors.
+    `jax.nn.dot_product_attention`: "cudnn" is cuDNN's fused (flash) attention, "xla" the
+    plain one, "auto" cuDNN where it runs (an NVIDIA GPU, bfloat16 or float16 inputs and a
+    head size it supports) and XLA elsewhere. Both accumulate the logits and take the softmax
+    in float32 whatever the input dtype: softmax exponentiates logit differences, so
+    bfloat16's 8-bit mantissa would turn rounding into visible weight errors.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r}; choose one of "
+            f"{ATTENTION_IMPLEMENTATIONS}."
+        )
+    if implementation == "auto":
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # cuDNN missing or this shape unsupported: XLA's works everywhere
+        implementation = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 class Attention(nn.Module):
@@ -89,6 +107,7 @@ class Attention(nn.Module):
 
     hidden_size: int
     num_heads: int
+    implementation: str = "auto"  # see dot_product_attention
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -102,7 +121,9 @@ class Attention(nn.Module):
         # its outputs are laid out (q/k/v, head, head_dim) like timm's, so reference weights fit.
         qkv = Dense(3 * self.hidden_size, axes=("embed", "hidden"), name="qkv", **kw)(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = dot_product_attention(
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.implementation
+        )
         out = out.reshape(batch, length, self.hidden_size)
         return Dense(self.hidden_size, axes=("hidden", "embed"), name="proj", **kw)(out)
 
@@ -120,7 +141,7 @@ class Mlp(nn.Module):
         """x: (B, T, D) -> (B, T, D)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Dense(self.mlp_dim, axes=("embed", "hidden"), name="fc1", **kw)(x)
-        x = nn.gelu(x, approximate=True)
+        x = gelu_tanh(x)
         return Dense(self.hidden_size, axes=("hidden", "embed"), name="fc2", **kw)(x)
 
 
@@ -130,12 +151,13 @@ class DiTBlock(nn.Module):
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
+    attention: str = "auto"  # see dot_product_attention
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, None]:
-        """x: (B, T, D) float32 residual stream, c: (B, D) -> ((B, T, D) float32, None).
+        """x: (B, T, D) residual stream, c: (B, D) -> ((B, T, D) in x's dtype, None).
 
         Returns a (carry, output) pair because that is the signature `nn.scan` needs.
         """
@@ -144,25 +166,26 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(
             6, self.hidden_size, name="adaLN_modulation", **kw
         )(c)
-        h = Attention(self.hidden_size, self.num_heads, name="attn", **kw)(
-            modulate(layer_norm(x), shift_msa, scale_msa)
-        )
-        # The sums promote to x's float32, so bf16 rounding does not accumulate over depth.
-        x = x + gate_msa[:, None, :] * h
+        attention = Attention(self.hidden_size, self.num_heads, self.attention, name="attn", **kw)
+        h = attention(modulate(layer_norm(x), shift_msa, scale_msa))
+        # The sums keep the residual stream's dtype (float32 by default, so that bf16 rounding
+        # does not accumulate over depth; see models.precision).
+        x = (x + gate_msa[:, None, :] * h).astype(x.dtype)
         h = Mlp(self.hidden_size, int(self.hidden_size * self.mlp_ratio), name="mlp", **kw)(
             modulate(layer_norm(x), shift_mlp, scale_mlp)
         )
-        x = x + gate_mlp[:, None, :] * h
+        x = (x + gate_mlp[:, None, :] * h).astype(x.dtype)
         return constrain_batch(x), None
 
 
 class DiT(nn.Module):
     """Diffusion Transformer on a square NHWC latent.
 
-    Matmuls run in `dtype`; parameters are stored in `param_dtype`; the residual stream and the
-    returned prediction are float32. With `scan_layers` the blocks' parameters are stacked along a
-    leading "layers" axis (compiles one block instead of depth); `remat` recomputes each block's
-    activations in the backward pass instead of storing them.
+    Matmuls run in `dtype`, parameters are stored in `param_dtype`, the residual stream is kept
+    in `residual_dtype` (models.precision sets the three); the prediction is float32. With
+    `scan_layers` the blocks' parameters are stacked along a leading "layers" axis (compiles one
+    block instead of depth); `remat` recomputes each block's activations in the backward pass
+    instead of storing them.
     """
 
     input_size: int
@@ -180,6 +203,8 @@ class DiT(nn.Module):
     timestep_scale: float = 1.0  # 1000 for flow's t in [0, 1]; see layers.Conditioning
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    residual_dtype: Dtype = jnp.float32
+    attention: str = "auto"  # "auto" (cuDNN where it runs, else XLA), "xla" or "cudnn"
     remat: bool | str = False  # see layers.REMAT_POLICIES
     scan_layers: bool = True
 
@@ -243,7 +268,7 @@ class DiT(nn.Module):
         )
         # A constant, not a parameter: the reference freezes it too (requires_grad=False).
         pos_embed = jnp.asarray(sincos_pos_embed_2d(self.hidden_size, grid_size))
-        tokens = tokens.astype(jnp.float32) + pos_embed[None]  # (B, T, D)
+        tokens = tokens.astype(self.residual_dtype) + pos_embed[None].astype(self.residual_dtype)
 
         c = Conditioning(
             self.num_classes,
@@ -261,7 +286,11 @@ class DiT(nn.Module):
             raise ValueError("remat='ssm_only' needs an SSM; DiT takes none, full or save_matmuls.")
         block = remat_block(DiTBlock, policy, self.scan_layers)
         block_kw = dict(
-            hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, **kw
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            attention=self.attention,
+            **kw,
         )
         if self.scan_layers:
             blocks = nn.scan(

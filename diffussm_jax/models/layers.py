@@ -64,12 +64,98 @@ class Dense(nn.Module):
         return jnp.dot(x, kernel) + bias
 
 
-def layer_norm(x: jax.Array) -> jax.Array:
-    """LayerNorm without affine parameters (eps 1e-6), computed in float32."""
-    x32 = x.astype(jnp.float32)
+# ----------------------------------------------------------------------------- lean gradients
+# What a backward pass needs from an elementwise op is decided by JAX's autodiff, before XLA sees
+# the program: for tanh-GELU it keeps five tensors of the activation's size (x, x^2, tanh, 1 - t^2
+# and a product), for a float32 LayerNorm two float32 copies of its input. Without remat those
+# are stored for every layer, and in DiffuSSM-XL at 512 px they were most of the 0.6 GiB an
+# example costs per layer (docs/pod.md). The versions here give the same values with one saved
+# tensor each, in the activation's dtype.
+
+
+def _with_derivative(fn, derivative):
+    """fn (elementwise) whose gradient keeps only derivative(x), computed in float32 (float64
+    for float64 inputs) and stored in x's dtype."""
+
+    @jax.custom_jvp
+    def wrapped(x):
+        return fn(x)
+
+    @wrapped.defjvp
+    def jvp(primals, tangents):
+        (x,), (dx,) = primals, tangents
+        slope = derivative(x.astype(jnp.promote_types(x.dtype, jnp.float32)))
+        return fn(x), dx * slope.astype(x.dtype)
+
+    return wrapped
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def _gelu_tanh_derivative(x: jax.Array) -> jax.Array:
+    # d/dx 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2 / pi)
+    t = jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+
+
+def _gelu_derivative(x: jax.Array) -> jax.Array:
+    # d/dx x Phi(x) = Phi(x) + x phi(x)
+    return 0.5 * (1 + jax.lax.erf(x / math.sqrt(2))) + x * jnp.exp(-0.5 * x * x) / math.sqrt(
+        2 * math.pi
+    )
+
+
+def _silu_derivative(x: jax.Array) -> jax.Array:
+    s = jax.nn.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+gelu_tanh = _with_derivative(lambda x: nn.gelu(x, approximate=True), _gelu_tanh_derivative)
+gelu = _with_derivative(lambda x: nn.gelu(x, approximate=False), _gelu_derivative)
+silu = _with_derivative(nn.silu, _silu_derivative)
+
+ACTIVATIONS = {"gelu_tanh": gelu_tanh, "gelu": gelu, "silu": silu}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def _normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + 1e-6)).astype(x.dtype)
+    rstd = jax.lax.rsqrt(var + 1e-6)
+    return ((x32 - mean) * rstd).astype(x.dtype), rstd
+
+
+@jax.custom_vjp
+def layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters (eps 1e-6), computed in float32.
+
+    The gradient keeps the output (in x's dtype; adaLN keeps it anyway) and 1/std per token:
+    dx = (g - mean(g) - y mean(g y)) / std.
+    """
+    return _normalize(x)[0]
+
+
+def _layer_norm_fwd(x):
+    y, rstd = _normalize(x)
+    return y, (y, rstd)
+
+
+def _layer_norm_bwd(saved, g):
+    y, rstd = saved
+    y32, g32 = y.astype(rstd.dtype), g.astype(rstd.dtype)
+    mean_g = g32.mean(-1, keepdims=True)
+    mean_gy = (g32 * y32).mean(-1, keepdims=True)
+    return (((g32 - mean_g - y32 * mean_gy) * rstd).astype(y.dtype),)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -129,7 +215,7 @@ class TimestepEmbedder(nn.Module):
         kw = dict(kernel_init=kernel_init, dtype=self.dtype, param_dtype=self.param_dtype)
         h = timestep_frequencies(t, self.frequency_dim).astype(self.dtype)
         h = Dense(self.hidden_size, axes=("freq", "embed"), name="mlp_in", **kw)(h)
-        h = nn.silu(h)
+        h = silu(h)
         return Dense(self.hidden_size, axes=("hidden", "embed"), name="mlp_out", **kw)(h)
 
 
@@ -223,7 +309,7 @@ class AdaLNModulation(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="linear",
-        )(nn.silu(c))
+        )(silu(c))
         return jnp.split(out, self.num_chunks, axis=-1)
 
 

@@ -16,8 +16,6 @@ from jax.sharding import Mesh
 from diffussm_jax import models, ssm
 from diffussm_jax.training import sharding
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -38,13 +36,18 @@ def process_name(config: ml_collections.ConfigDict) -> str:
     return config.diffusion.get("process", "gaussian")
 
 
+def precision(config: ml_collections.ConfigDict) -> models.Precision:
+    """`config.precision`; a run saved before it existed had one `dtype`, the compute dtype."""
+    if "precision" in config:
+        return models.Precision.from_config(config.precision)
+    return models.Precision(compute=config.dtype)
+
+
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The registry model named by `config.model`, with the config's overrides and precision.
 
     Its `timestep_scale` follows `config.diffusion.process` (1, or `FLOW_TIMESTEP_SCALE` for flow).
     """
-    if config.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {sorted(DTYPES)}.")
     overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
     flow = process_name(config) == "flow"
     return models.create(
@@ -53,7 +56,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
         in_channels=config.data.channels,
         num_classes=config.data.num_classes,
         learn_sigma=config.learn_sigma,
-        dtype=DTYPES[config.dtype],
+        precision=precision(config),
         remat=config.remat,
         scan_layers=config.scan_layers,
         timestep_scale=FLOW_TIMESTEP_SCALE if flow else 1.0,
