@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import quickstart
@@ -296,9 +297,41 @@ def test_nonfinite_batch_skips_update():
     state, history = run_steps(config, mesh, [good, bad])
     reference, _ = run_steps(config, mesh, [good])
     assert history[1]["nonfinite"] == 1 and history[0]["nonfinite"] == 0
+    assert history[1]["overflowed"] == 0
     assert int(state.step) == 2
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(reference.params), strict=True):
+    # The skip is exact, moments, step counters and EMA included (the update runs in place with
+    # Adam's betas at 1, zero gradients and a zero update).
+    kept = (state.params, state.ema_params, state.opt_state)
+    expected = (reference.params, reference.ema_params, reference.opt_state)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_update_that_overflows_from_finite_inputs_is_flagged_as_applied():
+    """In place, an update that overflows although loss, gradients and learning rates were
+    finite cannot be undone: the step says so, and the trainer stops on it."""
+    config = smoke_config()
+    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    model = train_state.build_model(config)
+    tx = optax.chain(optax.scale(3e38), optax.scale(10.0))  # finite factors, infinite updates
+    state, _ = train_state.create_train_state(config, model, tx, mesh)
+    skippable = train_step.SkippableOptimizer(lambda keep: tx, {"default": 1e-4})
+    _, metrics = train_step.train_step(
+        state,
+        fixed_batch(),
+        model=model,
+        diffusion=trainer.create_diffusion(config),
+        tx=tx,
+        ema_decay=0.9,
+        skippable=skippable,
+    )
+    metrics = jax.device_get(metrics)
+    assert metrics["overflowed"] == 1 and metrics["nonfinite"] == 1
+    assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
+    assert "applied in place" in train_step.nonfinite_quantity(metrics)
+    assert "training stops whatever config.nonfinite says" in str(
+        trainer.overflow_error(7, "step 5 in /x")
+    )
 
 
 def test_ssm_dynamics_have_their_own_optimizer_group():

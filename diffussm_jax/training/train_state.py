@@ -99,14 +99,22 @@ def learning_rate_at(config: ml_collections.ConfigDict, update_index: int) -> di
     }
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def create_optimizer(
+    config: ml_collections.ConfigDict, keep_moments: jax.Array | None = None
+) -> optax.GradientTransformation:
     """AdamW (DiT recipe: lr 1e-4 constant, wd 0), optional warmup and global-norm clipping.
 
     The SSM dynamics parameters get their own learning rate and never weight decay: decaying
     log_dt or log(-Re A) towards 0 would change time scales, not shrink weights.
+
+    `keep_moments` (a traced bool, for the train step's skipped updates): where True, Adam's
+    betas are 1, so zero gradients leave both moments exactly as they were; the state has the
+    same structure as without it.
     """
     rates = learning_rates(config)
     betas = dict(b1=config.adam_b1, b2=config.adam_b2)
+    if keep_moments is not None:
+        betas = {name: jnp.where(keep_moments, 1.0, beta) for name, beta in betas.items()}
     groups = optax.multi_transform(
         {
             "default": optax.adamw(rates["default"], weight_decay=config.weight_decay, **betas),

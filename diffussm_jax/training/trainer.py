@@ -448,6 +448,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
 
             if config.nonfinite == "stop" and int(step_metrics["nonfinite"]):
                 bad = jax.device_get(step_metrics)
+                if bad["overflowed"]:
+                    raise overflow_error(step, last_good())
                 raise NonFiniteError(
                     f"step {step}: non-finite {train_step.nonfinite_quantity(bad)} "
                     f"(loss={bad['loss']}, grad_norm={bad['grad_norm']}); the update was not "
@@ -462,6 +464,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                 scalars = metrics.summarize(host_window)
                 progress.report(step, loss=scalars["loss"])
                 if scalars["nonfinite"]:
+                    first = step - len(host_window) + 1
+                    for offset, m in enumerate(host_window):
+                        if m["overflowed"]:
+                            raise overflow_error(first + offset, last_good())
                     log_skipped_steps(step, host_window, checkpointer)
                 rates = learning_rates_logged(config, step)
                 writer.write(step, {**scalars, **throughput.rates(step), **rates})
@@ -555,6 +561,17 @@ def learning_rates_logged(config: ml_collections.ConfigDict, step: int) -> dict[
     if config.ssm_learning_rate is not None:
         logged["ssm_learning_rate"] = rates["ssm"]
     return logged
+
+
+def overflow_error(step: int, last_good: str) -> NonFiniteError:
+    """The error for an update that overflowed from finite inputs (train_step: "overflowed")."""
+    return NonFiniteError(
+        f"step {step}: the optimizer update overflowed although the loss, the gradients and the "
+        "learning rates were finite. The state is updated in place, so the update was applied "
+        "and training stops whatever config.nonfinite says; the state was not checkpointed. "
+        f"Last good checkpoint: {last_good}. Rerun to resume from it, with a lower "
+        "learning_rate or a grad_clip_norm."
+    )
 
 
 def describe_nonfinite_inputs(local: dict[str, np.ndarray]) -> str:
