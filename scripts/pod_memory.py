@@ -67,7 +67,7 @@ def _row(model, resolution, data, fsdp, global_batch, mode, remat) -> dict:
         return row
     batch = train_step.abstract_batch(config, mesh, global_batch)
     diffusion = trainer.create_diffusion(config)
-    step = train_step.make_train_step(config, net, diffusion, tx, mesh, shardings)
+    step = train_step.make_train_step(config, net, diffusion, mesh, shardings)
     start = time.perf_counter()
     compiled = step.lower(abstract, batch).compile()
     analysis = compiled.memory_analysis()

@@ -96,7 +96,7 @@ def profile(variant: str) -> dict:
     tx = train_state.create_optimizer(config)
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
     step = train_step.make_train_step(
-        config, model, trainer.create_diffusion(config), tx, mesh, shardings
+        config, model, trainer.create_diffusion(config), mesh, shardings
     )
     size, batch_size = config.data.image_size, config.global_batch_size
     batch = {

@@ -48,7 +48,7 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> di
     abstract, shardings = train_state.abstract_train_state(config, net, tx, mesh)
     batch = train_step.abstract_batch(config, mesh, global_batch)
     diffusion = trainer.create_diffusion(config)
-    step = train_step.make_train_step(config, net, diffusion, tx, mesh, shardings)
+    step = train_step.make_train_step(config, net, diffusion, mesh, shardings)
     compiled = step.lower(abstract, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

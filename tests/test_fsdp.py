@@ -171,7 +171,7 @@ def _train_step_flops_per_device(config, global_batch: int) -> float:
     abstract, shardings = train_state.abstract_train_state(config, model, tx, mesh)
     batch = train_step.abstract_batch(config, mesh, global_batch)
     diffusion = trainer.create_diffusion(config)
-    step = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    step = train_step.make_train_step(config, model, diffusion, mesh, shardings)
     cost = step.lower(abstract, batch).compile().cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 

@@ -481,7 +481,7 @@ def test_update_that_overflows_is_skipped_and_named():
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
     before = jax.device_get(state.params)
     step_fn = train_step.make_train_step(
-        config, model, trainer.create_diffusion(config), tx, mesh, shardings
+        config, model, trainer.create_diffusion(config), mesh, shardings
     )
     rng = np.random.default_rng(0)
     side = config.data.image_size

@@ -55,7 +55,7 @@ def run_steps(config, mesh, batches):
     diffusion = trainer.create_diffusion(config)
     tx = train_state.create_optimizer(config)
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
-    step = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    step = train_step.make_train_step(config, model, diffusion, mesh, shardings)
     history = []
     for batch in batches:
         state, metrics = step(state, batch)
@@ -315,15 +315,13 @@ def test_update_that_overflows_from_finite_inputs_is_flagged_as_applied():
     model = train_state.build_model(config)
     tx = optax.chain(optax.scale(3e38), optax.scale(10.0))  # finite factors, infinite updates
     state, _ = train_state.create_train_state(config, model, tx, mesh)
-    skippable = train_step.SkippableOptimizer(lambda keep: tx, {"default": 1e-4})
     _, metrics = train_step.train_step(
         state,
         fixed_batch(),
         model=model,
         diffusion=trainer.create_diffusion(config),
-        tx=tx,
+        optimizer=train_step.SkippableOptimizer(lambda keep: tx, {"default": 1e-4}),
         ema_decay=0.9,
-        skippable=skippable,
     )
     metrics = jax.device_get(metrics)
     assert metrics["overflowed"] == 1 and metrics["nonfinite"] == 1

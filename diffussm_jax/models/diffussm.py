@@ -56,11 +56,15 @@ class SubpositionDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         m, n_in, n_out = self.groups, x.shape[-1], self.features
-        if self.shared_input:
-            shape, axes, group_axis = (n_in, m, n_out), (self.axes[0], None, self.axes[1]), 1
-        else:
-            shape, axes, group_axis = (m, n_in, n_out), (None, *self.axes), 0
-        in_axis = 0 if self.shared_input else 1
+        if self.shared_input:  # (in, M, out)
+            shape, axes, in_axis, group_axis = (
+                (n_in, m, n_out),
+                (self.axes[0], None, self.axes[1]),
+                0,
+                1,
+            )
+        else:  # (M, in, out)
+            shape, axes, in_axis, group_axis = (m, n_in, n_out), (None, *self.axes), 1, 0
         init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=2, batch_axis=(group_axis,))
         kernel = self.param("kernel", partitioned(init, axes), shape, self.param_dtype)
         bias = self.param(

@@ -48,9 +48,7 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
-def _zero_where(keep: jax.Array | None, tree: Any) -> Any:
-    if keep is None:
-        return tree
+def _zero_where(keep: jax.Array, tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.where(keep, jnp.zeros_like(x), x), tree)
 
 
@@ -108,27 +106,26 @@ def train_step(
     *,
     model: nn.Module,
     diffusion: diffusion_lib.Process,
-    tx: optax.GradientTransformation,
+    optimizer: SkippableOptimizer,
     ema_decay: float,
     ema_warmup: bool = False,
     grad_accum_steps: int = 1,
-    skippable: SkippableOptimizer | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on `batch` ({"image": (B, H, W, C), "label": (B,)}).
 
     The step's randomness is fold_in(rng, step), so a resumed run draws the same numbers. With
     `grad_accum_steps` > 1 the batch is split into that many micro-batches whose gradients are
     averaged: the same update as one big batch up to summation order, with less activation
-    memory. A non-finite loss, gradient, or updated params / optimizer state leaves params, EMA
-    and optimizer state unchanged (metrics["nonfinite"] = 1); the caller decides whether to stop.
-    Which quantity it was follows from the metrics: see `nonfinite_quantity`.
+    memory.
 
-    Without `skippable` the step selects between the old state and a finished new one, which
-    keeps both in memory (docs/pod.md: 0.65 GiB per device for DiffuSSM-XL with FSDP 8). With
-    it (the trainer's case) the state is updated in place: a skipped update is made of exact
-    no-ops, decided before the update from the loss, the gradients (their norm squared, which
-    bounds Adam's second moment) and the learning rates. An update that still overflows has
-    replaced the state: metrics["overflowed"] = 1, and the trainer stops.
+    The state is updated in place. A non-finite loss or gradient norm, a gradient norm whose
+    square overflows (it bounds Adam's second moment) or a non-finite learning rate skips the
+    update with exact no-ops: params, EMA and optimizer state stay as they were
+    (metrics["nonfinite"] = 1; the caller decides whether to stop; `nonfinite_quantity` names
+    the cause). Selecting between the old state and a finished new one instead would keep both
+    in memory (docs/pod.md: 0.65 GiB per device for DiffuSSM-XL with FSDP 8). An update that
+    overflows from finite inputs has replaced the state: metrics["overflowed"] = 1 too, and
+    the trainer stops.
     """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     batch = draw_randomness(rng, batch, diffusion, model)
@@ -161,38 +158,22 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
 
-    def update(tx, grads, decay, keep=None):
-        """(params, EMA, optimizer state) after the update; `keep` zeroes what it applies."""
-        zero_if_kept = functools.partial(_zero_where, keep)
-        updates, opt_state = tx.update(zero_if_kept(grads), state.opt_state, state.params)
-        params = optax.apply_updates(state.params, zero_if_kept(updates))
-        return params, ema_update(state.ema_params, params, decay), opt_state
-
     finite = jnp.isfinite(stats["loss"]) & jnp.isfinite(grad_norm)
-    overflowed = jnp.zeros((), bool)
-    if skippable is None:
-        # Finite loss and gradients can still overflow in the update (e.g. Adam's second
-        # moment): the new params and optimizer state are checked before they are kept.
-        new = update(tx, grads, decay)
-        finite &= all_finite(new[0], new[2])
-        new = jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o),
-            new,
-            (state.params, state.ema_params, state.opt_state),
-        )
-    else:
-        finite &= jnp.isfinite(jnp.square(grad_norm)) & skippable.rates_finite(state.step)
-        keep = ~finite
-        new = update(skippable.build(keep), grads, jnp.where(keep, 1.0, decay), keep)
-        # The step counters (scalars) are the optimizer state's only other leaves.
-        opt_state = jax.tree.map(
-            lambda n, o: jnp.where(keep, o, n) if n.ndim == 0 else n, new[2], state.opt_state
-        )
-        new = (new[0], new[1], opt_state)
-        overflowed = ~all_finite(new[0], new[2])
-        finite &= ~overflowed
+    finite &= jnp.isfinite(jnp.square(grad_norm)) & optimizer.rates_finite(state.step)
+    keep = ~finite
+    updates, opt_state = optimizer.build(keep).update(
+        _zero_where(keep, grads), state.opt_state, state.params
+    )
+    params = optax.apply_updates(state.params, _zero_where(keep, updates))
+    ema_params = ema_update(state.ema_params, params, jnp.where(keep, 1.0, decay))
+    # The step counters (scalars) are the optimizer state's only other leaves.
+    opt_state = jax.tree.map(
+        lambda n, o: jnp.where(keep, o, n) if n.ndim == 0 else n, opt_state, state.opt_state
+    )
+    overflowed = ~all_finite(params, opt_state)
+    finite &= ~overflowed
     new_state = state.replace(
-        step=state.step + 1, params=new[0], ema_params=new[1], opt_state=new[2]
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
     )
     metrics = {
         **stats,
@@ -206,7 +187,7 @@ def train_step(
 
 @dataclasses.dataclass(frozen=True)
 class SkippableOptimizer:
-    """What the train step needs to skip an update in place (see `train_step`).
+    """The optimizer, as the train step needs it to skip an update in place (see `train_step`).
 
     build(keep): the optimizer, with the same state structure, leaving the state as it is
     where `keep` is True given zero gradients (`train_state.create_optimizer(config, keep)`);
@@ -245,20 +226,20 @@ def abstract_batch(config, mesh: Mesh, global_batch: int | None = None) -> Batch
     }
 
 
-def make_train_step(config, model: nn.Module, diffusion, tx, mesh: Mesh, state_shardings: Any):
-    """`train_step` jitted with explicit shardings and the state donated."""
+def make_train_step(config, model: nn.Module, diffusion, mesh: Mesh, state_shardings: Any):
+    """`train_step` jitted with explicit shardings and the state donated; the optimizer is the
+    config's (`train_state.create_optimizer`), which must be the one the state was made with."""
     step = functools.partial(
         train_step,
         model=model,
         diffusion=diffusion,
-        tx=tx,
-        ema_decay=config.ema_decay,
-        ema_warmup=config.ema_warmup,
-        grad_accum_steps=config.grad_accum_steps,
-        skippable=SkippableOptimizer(
+        optimizer=SkippableOptimizer(
             functools.partial(train_state.create_optimizer, config),
             train_state.learning_rates(config),
         ),
+        ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
+        grad_accum_steps=config.grad_accum_steps,
     )
 
     def sharded_step(state, batch):

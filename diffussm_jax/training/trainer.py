@@ -181,7 +181,7 @@ def create_experiment(config: ml_collections.ConfigDict, mesh, model=None) -> Ex
     diffusion = create_diffusion(config)
     tx = train_state.create_optimizer(config)
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
-    step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, shardings)
+    step_fn = train_step.make_train_step(config, model, diffusion, mesh, shardings)
     return Experiment(model, diffusion, tx, mesh, state, step_fn)
 
 
@@ -380,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     ):
         logging.info("%s", line)
 
-    step_fn = train_step.make_train_step(config, model, diffusion, tx, mesh, state_shardings)
+    step_fn = train_step.make_train_step(config, model, diffusion, mesh, state_shardings)
     writer = metrics.MetricWriter(workdir)
     # Built before the first step, so that a missing VAE or Inception file fails at start.
     decoder = sampling.latent_decoder(config) if config.sample_every_steps else None
