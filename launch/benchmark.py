@@ -8,7 +8,7 @@
     python -m launch.benchmark --mode=throughput --models=DiffuSSM-XL,DiT-XL/2 \
         --precision=bfloat16 --scan_layers --train_only --batch_sizes=256,128,64,32
 
-Writes <out_dir>/<mode>.md, .csv and .png; see diffussm_jax/benchmark.py for what is measured.
+Writes <out_dir>/<mode>.md, .csv and .png; see diffussm_jax/benchmarks/ for what is measured.
 """
 
 import shlex
@@ -16,12 +16,12 @@ import sys
 
 from absl import app, flags
 
-from diffussm_jax import benchmark, models
+from diffussm_jax import benchmarks, models
 from launch import cli
 
-_DEFAULTS = benchmark.Options()
+_DEFAULTS = benchmarks.Options()
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", None, benchmark.MODES, "What to measure.")
+flags.DEFINE_enum("mode", None, benchmarks.MODES, "What to measure.")
 flags.DEFINE_string("out_dir", _DEFAULTS.out_dir, "Where the .md, .csv and .png go.")
 flags.DEFINE_list("models", list(_DEFAULTS.models), "'DiffuSSM', 'DiT/<patch>' or registry names.")
 flags.DEFINE_list("backends", None, "SSM backends: of every DiffuSSM entry, or of ssm mode.")
@@ -82,7 +82,7 @@ def main(argv):
         value = FLAGS[name].value
         return tuple(int(v) for v in value) if value is not None else tuple(fallback)
 
-    options = benchmark.Options(
+    options = benchmarks.Options(
         mode=FLAGS.mode,
         out_dir=FLAGS.out_dir,
         command=shlex.join(["python", "-m", "launch.benchmark", *sys.argv[1:]]),
@@ -104,7 +104,7 @@ def main(argv):
         chunk_sizes=ints("chunk_sizes", _DEFAULTS.chunk_sizes),
         kernel_memory=FLAGS.kernel_memory,
     )
-    for kind, path in benchmark.run(options).items():
+    for kind, path in benchmarks.run(options).items():
         print(f"wrote {kind}: {path}")
 
 

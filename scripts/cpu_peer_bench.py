@@ -159,7 +159,8 @@ def dense_gflop_per_step(name: str, batch: int, size: int, channels: int) -> flo
     """3 x the forward's dense FLOPs (every dot_general in its jaxpr) at this batch."""
     import jax
 
-    from diffussm_jax import benchmark, models
+    from diffussm_jax import models
+    from diffussm_jax.benchmarks import measure
 
     model = models.create(
         name, input_size=size, in_channels=channels, num_classes=1000, scan_layers=False
@@ -168,7 +169,7 @@ def dense_gflop_per_step(name: str, batch: int, size: int, channels: int) -> flo
     x, t, y = (
         jax.ShapeDtypeStruct((batch, *a.shape[1:]), a.dtype) for a in models.example_inputs(model)
     )
-    forward = benchmark.dense_flops(lambda p, *a: model.apply({"params": p}, *a), params, x, t, y)
+    forward = measure.dense_flops(lambda p, *a: model.apply({"params": p}, *a), params, x, t, y)
     return 3 * forward / 1e9
 
 

@@ -97,7 +97,8 @@ def calibration_row(model: str, resolution: int, batch: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from diffussm_jax import benchmark, models
+    from diffussm_jax import models
+    from diffussm_jax.benchmarks import steps
     from diffussm_jax.training import train_state
 
     net = models.create(
@@ -112,8 +113,8 @@ def calibration_row(model: str, resolution: int, batch: int) -> dict:
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn_unbox(params))
     tx = optax.adam(1e-4)
     opt_state = jax.eval_shape(tx.init, params)
-    x, t, y, target = benchmark._inputs(net, batch)
-    step = jax.jit(benchmark.train_step_fn(net, tx), donate_argnums=(0, 1))
+    x, t, y, target = steps.example_batch(net, batch)
+    step = jax.jit(steps.train_step_fn(net, tx), donate_argnums=(0, 1))
     analysis = step.lower(params, opt_state, x, t, y, target).compile().memory_analysis()
     peak = (
         analysis.argument_size_in_bytes

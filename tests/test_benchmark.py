@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffussm_jax import benchmark
+from diffussm_jax import benchmarks
+from diffussm_jax.benchmarks import measure, modes
+from diffussm_jax.benchmarks.specs import model_specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,20 +25,20 @@ def test_dense_flops_counts_dots_inside_scans_and_complex_dots():
         return jax.lax.scan(body, x, None, length=3)[0].sum()
 
     x, w = jnp.ones((4, 8)), jnp.ones((8, 8))
-    assert benchmark.dense_flops(f, x, w) == 3 * 2 * 4 * 8 * 8
+    assert measure.dense_flops(f, x, w) == 3 * 2 * 4 * 8 * 8
     # The backward pass adds two matmuls per step (d carry and d w).
-    assert benchmark.dense_flops(jax.grad(f, argnums=1), x, w) == 3 * 3 * 2 * 4 * 8 * 8
+    assert measure.dense_flops(jax.grad(f, argnums=1), x, w) == 3 * 3 * 2 * 4 * 8 * 8
     z = jnp.ones((4, 8), jnp.complex64)
-    assert benchmark.dense_flops(lambda a, b: a @ b, z, z.T) == 4 * 2 * 4 * 8 * 4
+    assert measure.dense_flops(lambda a, b: a @ b, z, z.T) == 4 * 2 * 4 * 8 * 4
 
 
 def test_fit_exponent():
     lengths = np.array([1024, 2048, 4096, 16384])
-    assert benchmark.fit_exponent(lengths, 3e-6 * lengths**1.5) == pytest.approx(1.5)
+    assert measure.fit_exponent(lengths, 3e-6 * lengths**1.5) == pytest.approx(1.5)
 
 
 def test_model_specs():
-    specs = benchmark.model_specs(["DiffuSSM", "DiT/1", "DiT-XL/2"], ["fft", "chunked"], 64, 2)
+    specs = model_specs(["DiffuSSM", "DiT/1", "DiT-XL/2"], ["fft", "chunked"], 64, 2)
     assert [s.label for s in specs] == [
         "DiffuSSM [fft]",
         "DiffuSSM [chunked]",
@@ -49,13 +51,13 @@ def test_model_specs():
     dit = specs[2].build(8, "bfloat16", False)
     assert (dit.hidden_size, dit.depth, dit.num_heads, dit.patch_size) == (64, 2, 1, 1)
     with pytest.raises(ValueError, match="unknown model"):
-        benchmark.model_specs(["Mamba"], ["fft"], 64, 2)
+        model_specs(["Mamba"], ["fft"], 64, 2)
     with pytest.raises(ValueError, match="unknown backend"):
-        benchmark.model_specs(["DiffuSSM"], ["conv"], 64, 2)
+        model_specs(["DiffuSSM"], ["conv"], 64, 2)
 
 
 def test_kernel_memory_naive_exceeds_factored():
-    rows = benchmark.kernel_memory(channels=16, state_size=8, length=4096)
+    rows = modes.kernel_memory(channels=16, state_size=8, length=4096)
     temp = {(r["kernel"].split()[0], r["kind"]): r["temp_mib"] for r in rows}
     assert temp[("naive", "forward")] > 4 * temp[("factored", "forward")]
 
@@ -81,7 +83,7 @@ def check_report(paths, mode):
 
 
 def tiny(mode, tmp_path, **kw):
-    return benchmark.Options(mode=mode, out_dir=str(tmp_path), command=f"test {mode}", **kw)
+    return benchmarks.Options(mode=mode, out_dir=str(tmp_path), command=f"test {mode}", **kw)
 
 
 def test_models_mode(tmp_path):
@@ -92,7 +94,7 @@ def test_models_mode(tmp_path):
         input_sizes=(8,),
         registry_overrides=dict(depth=1),
     )
-    (row,) = check_report(benchmark.run(options), "models")
+    (row,) = check_report(benchmarks.run(options), "models")
     assert row["model"] == "DiT-XL/2" and row["resolution"] == "64"
     assert float(row["gmacs"]) > 0 and float(row["params_m"]) > 1
 
@@ -110,7 +112,7 @@ def test_throughput_mode(tmp_path):
         repeats=1,
         matmul_size=128,
     )
-    rows = check_report(benchmark.run(options), "throughput")
+    rows = check_report(benchmarks.run(options), "throughput")
     assert [(r["model"], r["kind"]) for r in rows] == [
         ("DiffuSSM [chunked]", "forward"),
         ("DiffuSSM [chunked]", "train"),
@@ -138,12 +140,12 @@ def test_scaling_mode_skips_what_does_not_fit(tmp_path):
         memory_cap_gb=6 / 1024,  # DiT p1 at 1024 tokens is predicted at 8-17 MiB, DiffuSSM 3
         fit_range=(64, 1024),
     )
-    rows = check_report(benchmark.run(options), "scaling")
+    rows = check_report(benchmarks.run(options), "scaling")
     status = {(r["model"], r["kind"], r["tokens"]): r["status"] for r in rows}
     assert status[("DiT p1", "train", "1024")].startswith("skipped: predicted")
     assert status[("DiT p1", "train", "64")] == "ok"
     assert status[("DiffuSSM [fft]", "train", "1024")] == "ok"
-    summary = benchmark.scaling_summary(
+    summary = modes.scaling_summary(
         [{**r, "tokens": int(r["tokens"]), "seconds": float(r["seconds"] or "nan")} for r in rows],
         (64, 1024),
     )
@@ -165,7 +167,7 @@ def test_ssm_mode(tmp_path):
         repeats=1,
         kernel_memory=False,
     )
-    rows = check_report(benchmark.run(options), "ssm")
+    rows = check_report(benchmarks.run(options), "ssm")
     assert [(r["layer"], r["kind"]) for r in rows] == [
         ("BidirectionalSSM [fft]", "forward"),
         ("BidirectionalSSM [fft]", "forward+backward"),
