@@ -133,7 +133,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sampling.num_classes_in_grid = 10
     config.sampling.num_unconditional = 16
 
-    # In-training FID on a small sample every `fid_every_steps` (diffussm_jax.training.fid_eval),
+    # In-training sample quality every `fid_every_steps` (diffussm_jax.training.hooks),
     # logged as eval/* metrics. Embedded digits: the offline digits classifier scores the samples;
     # other data: Inception features against the reference batch's statistics (both paths set).
     config.eval = ml_collections.ConfigDict()

@@ -18,7 +18,8 @@ import json
 
 from absl import app, flags, logging
 
-from diffussm_jax.training import checkpoint, evaluate_workdir
+from diffussm_jax import inference
+from diffussm_jax.training import checkpoint
 from launch import cli, console, multiprocess
 
 FLAGS = flags.FLAGS
@@ -52,7 +53,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
     multiprocess.initialize()
-    result = evaluate_workdir.evaluate(
+    result = inference.evaluate(
         FLAGS.workdir,
         num_samples=FLAGS.num_samples,
         sampler=FLAGS.sampler,
@@ -69,7 +70,7 @@ def main(argv):
         output_dir=FLAGS.output_dir,
         checkpoint_step=FLAGS.step,
     )
-    for line in evaluate_workdir.summary_lines(result):
+    for line in inference.summary_lines(result):
         logging.info("%s", line)
     print(json.dumps(result, indent=2))
 

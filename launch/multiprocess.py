@@ -7,12 +7,12 @@ each process detects its place in the job. Elsewhere every process gets the same
 
 from absl import flags
 
-from diffussm_jax.training import distributed
+from diffussm_jax.parallel import runtime
 
 flags.DEFINE_enum(
     "distributed",
     "auto",
-    distributed.MODES,
+    runtime.MODES,
     "auto: join a multi-process job when the flags below are given or SLURM / Open MPI / a "
     "Cloud TPU VM is detected; on: always call jax.distributed.initialize; off: never.",
 )
@@ -27,8 +27,8 @@ FLAGS = flags.FLAGS
 
 def initialize() -> None:
     """Joins the multi-process job the flags describe (or none); call before any jax work."""
-    distributed.initialize(
-        distributed.plan_initialization(
+    runtime.initialize(
+        runtime.plan_initialization(
             FLAGS.distributed,
             FLAGS.coordinator_address,
             FLAGS.num_processes,

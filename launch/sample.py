@@ -10,7 +10,8 @@
 
 from absl import app, flags
 
-from diffussm_jax.training import checkpoint, sample_workdir
+from diffussm_jax import inference
+from diffussm_jax.training import checkpoint
 from launch import cli, console
 
 FLAGS = flags.FLAGS
@@ -40,7 +41,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
-    paths = sample_workdir.sample_to_npz(
+    paths = inference.sample_to_npz(
         FLAGS.workdir,
         FLAGS.output,
         num_samples=FLAGS.num_samples,

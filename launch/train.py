@@ -38,7 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     console.setup()
     multiprocess.initialize()
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    training.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def run(label_init_std: float, steps: list[int]) -> list[dict]:
 
     from configs import base, quickstart
     from diffussm_jax import diffusion as diffusion_lib
-    from diffussm_jax.training import sharding, trainer
+    from diffussm_jax import parallel, training
 
     config = quickstart.get_config(f"model={FLAGS.model}" if FLAGS.model else None)
     with config.unlocked():
@@ -92,9 +92,9 @@ def run(label_init_std: float, steps: list[int]) -> list[dict]:
         config.model_overrides.label_init_std = label_init_std
     if config.diffusion.prediction != "eps":
         raise app.UsageError("the label effect compares eps outputs: keep diffusion.prediction=eps")
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
-    experiment = trainer.create_experiment(config, mesh)
-    model, state = experiment.model, experiment.state
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
+    experiment = training.setup(config, mesh)
+    model, state, step_fn = experiment.model, experiment.init_state(), experiment.train_step()
     images, labels = digits_for(config)
 
     index = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(model.num_classes)])
@@ -136,7 +136,7 @@ def run(label_init_std: float, steps: list[int]) -> list[dict]:
         take = order[cursor : cursor + batch_size]
         cursor += batch_size
         batch = {"image": jnp.asarray(images[take]), "label": jnp.asarray(labels[take])}
-        state, _ = experiment.step_fn(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+        state, _ = step_fn(state, jax.device_put(batch, parallel.batch_sharding(mesh)))
     return rows
 
 

@@ -147,7 +147,7 @@ def build_config(variant: Variant, extra: dict):
 
 
 def sample_settings(config, names: list[str]) -> list[dict]:
-    from diffussm_jax.training import sampling
+    from diffussm_jax import training
 
     settings = []
     for name in names:
@@ -157,7 +157,7 @@ def sample_settings(config, names: list[str]) -> list[dict]:
                 steps=config.sampling.steps,
                 cfg_scale=config.sampling.cfg_scale,
                 weights="ema",
-                clip=sampling.clip_denoised_for(config),
+                clip=training.clip_denoised_for(config),
             )
         else:
             sampler, steps, cfg_scale, weights, *clip = name.split(":")
@@ -166,7 +166,7 @@ def sample_settings(config, names: list[str]) -> list[dict]:
                 steps=int(steps),
                 cfg_scale=float(cfg_scale),
                 weights=weights,
-                clip=(clip[0] == "clip") if clip else sampling.clip_denoised_for(config),
+                clip=(clip[0] == "clip") if clip else training.clip_denoised_for(config),
             )
         setting["name"] = (
             f"{setting['sampler']}{setting['steps']} g{setting['cfg_scale']} {setting['weights']}"
@@ -181,12 +181,11 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
     import jax.numpy as jnp
     from digits_in_memory import digits_for
 
-    from diffussm_jax import evaluation
-    from diffussm_jax.training import metrics, sampling, sharding, trainer
+    from diffussm_jax import evaluation, parallel, sampling, training
 
     variant = VARIANTS[name]
     config = build_config(variant, extra)
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
     if variant.unet:
         from reference_unet import ReferenceUNet
 
@@ -199,10 +198,10 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
         )
     else:
         model = None
-    experiment = trainer.create_experiment(config, mesh, model)
-    model, diffusion, state = experiment.model, experiment.diffusion, experiment.state
+    experiment = training.setup(config, mesh, model)
+    model, diffusion, state = experiment.model, experiment.diffusion, experiment.init_state()
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    step_fn = experiment.step_fn
+    step_fn = experiment.train_step()
     settings = sample_settings(config, FLAGS.samplers)
     sample_fns = {}
     images, labels = digits_for(config)
@@ -222,7 +221,7 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
         index, order = order[:batch_size], order[batch_size:]
         batch = jax.device_put(
             {"image": jnp.asarray(images[index]), "label": jnp.asarray(labels[index])},
-            sharding.batch_sharding(mesh),
+            parallel.batch_sharding(mesh),
         )
         state, step_metrics = step_fn(state, batch)
         if step == 1 or step in eval_steps:
@@ -275,11 +274,11 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
             )
             rows.append(row)
             writer(row)
-            grid = metrics.image_grid(
-                metrics.to_uint8(samples[:: FLAGS.per_class // 10 or 1][:100]), 10
+            grid = sampling.image_grid(
+                evaluation.to_uint8(samples[:: FLAGS.per_class // 10 or 1][:100]), 10
             )
             slug = setting["name"].replace(" ", "_")
-            metrics.save_png(os.path.join(FLAGS.out, f"{name}_{row['images']}_{slug}.png"), grid)
+            sampling.save_png(os.path.join(FLAGS.out, f"{name}_{row['images']}_{slug}.png"), grid)
         paused_wall += time.perf_counter() - pause_wall
         paused_cpu += time.process_time() - pause_cpu
     return rows

@@ -54,8 +54,8 @@ def run(name: str, seed: int) -> dict:
     import jax.numpy as jnp
 
     from configs import base, quickstart
+    from diffussm_jax import parallel, sampling, training
     from diffussm_jax.data import synthetic
-    from diffussm_jax.training import sampling, sharding, trainer
 
     config_arg, overrides = VARIANTS[name]
     config = quickstart.get_config(config_arg)
@@ -73,14 +73,14 @@ def run(name: str, seed: int) -> dict:
                 **overrides,
             }
         )
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
-    experiment = trainer.create_experiment(config, mesh)
-    state = experiment.state
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
+    experiment = training.setup(config, mesh)
+    state, step_fn = experiment.init_state(), experiment.train_step()
     images, labels = synthetic.two_halves(32 * FLAGS.steps, SIZE, seed=seed)
     for start in range(0, len(images), 32):
         batch = {"image": jnp.asarray(images[start : start + 32])}
         batch["label"] = jnp.asarray(labels[start : start + 32])
-        state, _ = experiment.step_fn(state, batch)
+        state, _ = step_fn(state, batch)
     requested = np.repeat(np.arange(2, dtype=np.int32), 16)
     results = {}
     for sampler, steps, cfg_scale, clip in SETTINGS:

@@ -39,16 +39,16 @@ def _row(model, resolution, data, fsdp, global_batch, mode, remat) -> dict:
     import jax
 
     from configs import imagenet256
-    from diffussm_jax.training import sharding, train_state, train_step, trainer
+    from diffussm_jax import parallel, training
+    from diffussm_jax.training import train_step
 
     config = imagenet256.get_config(f"model={model},batch={global_batch}", resolution=resolution)
     config.mesh.data, config.mesh.fsdp = data, fsdp
     config.remat = remat
-    mesh = sharding.create_mesh(data, fsdp)
-    sharding.check_global_batch(config.global_batch_size, mesh)
-    net = train_state.build_model(config)
-    tx = train_state.create_optimizer(config)
-    abstract, shardings = train_state.abstract_train_state(config, net, tx, mesh)
+    mesh = parallel.create_mesh(data, fsdp)
+    parallel.check_global_batch(config.global_batch_size, mesh)
+    experiment = training.setup(config, mesh)
+    abstract = experiment.abstract_state
     row = {
         "model": model,
         "resolution": resolution,
@@ -58,16 +58,15 @@ def _row(model, resolution, data, fsdp, global_batch, mode, remat) -> dict:
         "per_device_batch": global_batch // mesh.devices.size,
         "remat": remat,
         "params_m": sum(x.size for x in jax.tree.leaves(abstract.params)) / 1e6,
-        "state_bytes": sharding.bytes_per_device(abstract),
-        "params_bytes": sharding.bytes_per_device(abstract.params),
-        "ema_bytes": sharding.bytes_per_device(abstract.ema_params),
-        "opt_bytes": sharding.bytes_per_device(abstract.opt_state),
+        "state_bytes": parallel.bytes_per_device(abstract),
+        "params_bytes": parallel.bytes_per_device(abstract.params),
+        "ema_bytes": parallel.bytes_per_device(abstract.ema_params),
+        "opt_bytes": parallel.bytes_per_device(abstract.opt_state),
     }
     if mode == "state":
         return row
     batch = train_step.abstract_batch(config, mesh, global_batch)
-    diffusion = trainer.create_diffusion(config)
-    step = train_step.make_train_step(config, net, diffusion, mesh, shardings)
+    step = experiment.train_step()
     start = time.perf_counter()
     compiled = step.lower(abstract, batch).compile()
     analysis = compiled.memory_analysis()

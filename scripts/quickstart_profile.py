@@ -71,7 +71,7 @@ def profile(variant: str) -> dict:
     import jax.numpy as jnp
 
     from configs import quickstart
-    from diffussm_jax.training import sharding, train_state, train_step, trainer
+    from diffussm_jax import training
 
     overrides, config_arg = {}, None
     if variant != "default":
@@ -91,13 +91,8 @@ def profile(variant: str) -> dict:
     config = quickstart.get_config(config_arg)
     with config.unlocked():
         config.update_from_flattened_dict(overrides)
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    model = train_state.build_model(config)
-    tx = train_state.create_optimizer(config)
-    state, shardings = train_state.create_train_state(config, model, tx, mesh)
-    step = train_step.make_train_step(
-        config, model, trainer.create_diffusion(config), mesh, shardings
-    )
+    experiment = training.setup(config)
+    state, step = experiment.init_state(), experiment.train_step()
     size, batch_size = config.data.image_size, config.global_batch_size
     batch = {
         "image": jnp.zeros((batch_size, size, size, config.data.channels)),

@@ -34,7 +34,8 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> di
 
     sys.path.insert(0, REPO)
     from configs import imagenet256
-    from diffussm_jax.training import sharding, train_state, train_step, trainer
+    from diffussm_jax import parallel, training
+    from diffussm_jax.training import train_step
 
     devices = data * fsdp
     global_batch = per_device_batch * devices
@@ -42,14 +43,10 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> di
     config.mesh.data, config.mesh.fsdp = data, fsdp
     config.remat = remat
     config.model_overrides.depth = depth
-    mesh = sharding.create_mesh(data, fsdp, jax.devices()[:devices])
-    net = train_state.build_model(config)
-    tx = train_state.create_optimizer(config)
-    abstract, shardings = train_state.abstract_train_state(config, net, tx, mesh)
+    mesh = parallel.create_mesh(data, fsdp, jax.devices()[:devices])
+    experiment = training.setup(config, mesh)
     batch = train_step.abstract_batch(config, mesh, global_batch)
-    diffusion = trainer.create_diffusion(config)
-    step = train_step.make_train_step(config, net, diffusion, mesh, shardings)
-    compiled = step.lower(abstract, batch).compile()
+    compiled = experiment.train_step().lower(experiment.abstract_state, batch).compile()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -10,9 +10,10 @@ from absl import logging as absl_logging
 
 from configs import quickstart
 from diffussm_jax import console
-from diffussm_jax.training import evaluate_workdir, plots, summary
+from diffussm_jax.inference import evaluate as run_evaluation
+from diffussm_jax.training import plots, summary
 
-OURS = os.path.join(console.OWN_DIRECTORIES[0], "training", "trainer.py")
+OURS = os.path.join(console.OWN_DIRECTORIES[0], "training", "loop.py")
 THEIRS = "/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py"
 
 
@@ -276,7 +277,7 @@ def test_evaluation_summary_names_files_and_scores():
         "held_out_frechet_distance": 6.61,
         "fid": 12.345,
     }
-    lines = evaluate_workdir.summary_lines(result)
+    lines = run_evaluation.summary_lines(result)
     assert lines[0] == (
         "Evaluated DiffuSSM-S at step 1200: 200 samples (dpm++2m, 25 steps, guidance 3, "
         "seed 0, balanced labels)"

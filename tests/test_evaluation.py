@@ -17,9 +17,11 @@ from flax import traverse_util
 from scipy import linalg, stats
 
 from configs import quickstart
-from diffussm_jax import data, training
+from diffussm_jax import data, inference, training
 from diffussm_jax.evaluation import digits, inception, metrics
-from diffussm_jax.training import evaluate_workdir, fid_eval, sample_workdir, sharding, trainer
+from diffussm_jax.inference import evaluate as run_evaluation
+from diffussm_jax.sampling import batched
+from diffussm_jax.training import hooks
 
 # ---------------------------------------------------------------------------------------------
 # Frechet distance
@@ -517,12 +519,12 @@ def test_preview_grid_puts_each_balanced_class_in_its_own_column(tmp_path):
     for name, part in (("a", labels[:64]), ("b", labels[64:])):
         paths.append(str(tmp_path / f"{name}.npz"))
         np.savez(paths[-1], images=part.astype(np.uint8).reshape(-1, 1, 1, 1))
-    grid = evaluate_workdir.preview_grid(paths, "balanced", num_classes=10)
+    grid = run_evaluation.preview_grid(paths, "balanced", num_classes=10)
     # 100 samples enlarged to 48x48 cells with 2-pixel padding: 10 rows x 10 columns.
     assert grid.shape == (10 * 50 + 2, 10 * 50 + 2, 1)
     cells = grid[2::50, 2::50, 0][:10, :10]
     np.testing.assert_array_equal(cells, np.tile(np.arange(10), (10, 1)))
-    square = evaluate_workdir.preview_grid(paths, "uniform", num_classes=10)
+    square = run_evaluation.preview_grid(paths, "uniform", num_classes=10)
     assert square.shape == grid.shape  # 100 samples: about square whatever the labels
 
 
@@ -545,7 +547,7 @@ def _smoke_config(**fields):
 def trained_workdir(tmp_path_factory):
     """A 2-step smoke run (tiny DiffuSSM on the digits) with a checkpoint at step 2."""
     workdir = str(tmp_path_factory.mktemp("smoke_run"))
-    training.train_and_evaluate(_smoke_config(), workdir)
+    training.train(_smoke_config(), workdir)
     return workdir
 
 
@@ -556,7 +558,7 @@ EVAL_ARGS = dict(num_samples=20, steps=2, batch_size=8, seed=5)
 @pytest.fixture(scope="module")
 def straight_evaluation(trained_workdir, tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("eval_straight"))
-    return evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+    return run_evaluation.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
 
 
 def _load_samples(path):
@@ -591,7 +593,7 @@ def test_evaluate_resumes_after_interruption_identically(
     trained_workdir, straight_evaluation, tmp_path, monkeypatch
 ):
     output_dir = str(tmp_path)
-    true_draw = evaluate_workdir.sampling.draw
+    true_draw = batched.draw
     calls = []
 
     def draw_then_fail(*args, **kwargs):
@@ -600,9 +602,9 @@ def test_evaluate_resumes_after_interruption_identically(
             raise KeyboardInterrupt("simulated kill during the second batch")
         return true_draw(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_workdir.sampling, "draw", draw_then_fail)
+    monkeypatch.setattr(batched, "draw", draw_then_fail)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+        run_evaluation.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
     (shard_dir,) = [p for p in os.listdir(output_dir) if p.endswith(".shards")]
     shard_dir = os.path.join(output_dir, shard_dir)
     assert sorted(os.listdir(shard_dir)) == ["batch_000000.npz", "manifest.json"]
@@ -611,9 +613,9 @@ def test_evaluate_resumes_after_interruption_identically(
         calls.append(1)
         return true_draw(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_workdir.sampling, "draw", counting_draw)
+    monkeypatch.setattr(batched, "draw", counting_draw)
     calls.clear()
-    resumed = evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+    resumed = run_evaluation.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
     assert len(calls) == 2  # batch 0 was kept
     for got, want in zip(
         _load_samples(resumed["samples"]),
@@ -627,14 +629,14 @@ def test_evaluate_resumes_after_interruption_identically(
     with open(os.path.join(shard_dir, "batch_000001.npz"), "wb") as f:
         f.write(b"torn write")
     calls.clear()
-    again = evaluate_workdir.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
+    again = run_evaluation.evaluate(trained_workdir, output_dir=output_dir, **EVAL_ARGS)
     assert len(calls) == 1
     np.testing.assert_array_equal(
         _load_samples(again["samples"])[0], _load_samples(straight_evaluation["samples"])[0]
     )
     # Other settings in the same directory are refused rather than mixed in.
     with pytest.raises(ValueError, match="labels"):
-        evaluate_workdir.evaluate(
+        run_evaluation.evaluate(
             trained_workdir, output_dir=output_dir, labels="balanced", **EVAL_ARGS
         )
 
@@ -702,7 +704,7 @@ def test_evaluate_with_inception_and_reference(
         sigma_s=spatial_stats[1],
     )
     output_dir = os.path.dirname(straight_evaluation["samples"])  # reuses the finished shards
-    result = evaluate_workdir.evaluate(
+    result = run_evaluation.evaluate(
         trained_workdir,
         output_dir=output_dir,
         inception_path=str(weights),
@@ -728,17 +730,17 @@ def test_evaluate_with_inception_and_reference(
     cached = [p for p in os.listdir(output_dir) if p.startswith("reference_activations")]
     assert len(cached) == 1
     with pytest.raises(ValueError, match="both"):
-        evaluate_workdir.evaluate(trained_workdir, inception_path=str(weights), **EVAL_ARGS)
+        run_evaluation.evaluate(trained_workdir, inception_path=str(weights), **EVAL_ARGS)
 
 
 def test_in_training_fid_hook(trained_workdir):
     config = _smoke_config(**{"eval.fid_every_steps": 5, "eval.fid_num_samples": 12})
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    model, params, _ = sample_workdir.restore_ema_params(trained_workdir, config, mesh)
-    diffusion = trainer.create_diffusion(config)
-    assert fid_eval.InTrainingFID.from_config(_smoke_config(), model, diffusion, mesh) is None
-    hook = fid_eval.InTrainingFID.from_config(config, model, diffusion, mesh)
-    assert hook.scorer == "digits" and hook.batch_size == 16
+    experiment = training.setup(config, for_training=False)
+    params, _ = inference.restore_ema_params(experiment, trained_workdir)
+    off = training.setup(_smoke_config(), experiment.mesh, experiment.model, for_training=False)
+    assert hooks.SampleQualityHook.from_config(off) is None
+    hook = hooks.SampleQualityHook.from_config(experiment)
+    assert hook.scorer == "digits" and hook.draws.batch_size == 16
     assert [step for step in range(1, 16) if hook.due(step)] == [5, 10, 15]
     first = hook(params)
     assert set(first) == {"eval/digits_frechet_distance", "eval/digits_accuracy", "eval/seconds"}
@@ -749,7 +751,11 @@ def test_in_training_fid_hook(trained_workdir):
     assert hook(params)["eval/digits_frechet_distance"] == first["eval/digits_frechet_distance"]
     other_data = _smoke_config(**{"eval.fid_every_steps": 5, "data.name": "imagenet2012"})
     with pytest.raises(ValueError, match="inception_path"):
-        fid_eval.InTrainingFID.from_config(other_data, model, diffusion, mesh)
+        hooks.SampleQualityHook.from_config(
+            training.setup(other_data, experiment.mesh, experiment.model, for_training=False)
+        )
     half = _smoke_config(**{"eval.fid_every_steps": 5, "eval.reference_path": "ref.npz"})
     with pytest.raises(ValueError, match="together"):
-        fid_eval.InTrainingFID.from_config(half, model, diffusion, mesh)
+        hooks.SampleQualityHook.from_config(
+            training.setup(half, experiment.mesh, experiment.model, for_training=False)
+        )

@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import quickstart
-from diffussm_jax.training import checkpoint, sharding, train_state
+from diffussm_jax import parallel, training
+from diffussm_jax.training import checkpoint, train_state
 
 MIN_SIZE = 2**10  # small enough that most kernels of the test model are split
 
@@ -29,7 +30,7 @@ def small_config(data: int, fsdp: int):
 
 
 def create(config, devices=None):
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     state, _ = train_state.create_train_state(config, model, tx, mesh)
@@ -88,7 +89,7 @@ def test_state_bytes_per_device_fall_as_fsdp_grows(states):
     per_device = {fsdp: device_bytes(state, jax.devices()[0]) for fsdp, state in states.items()}
     # Bytes the library reports (from shardings alone) are what the device really holds.
     for fsdp, state in states.items():
-        assert sharding.bytes_per_device(state) == per_device[fsdp]
+        assert parallel.bytes_per_device(state) == per_device[fsdp]
     assert per_device[1] > per_device[2] > per_device[4] > per_device[8], per_device
     # Everything is held once per device at fsdp=1; split tensors shrink by 1/fsdp, so at
     # fsdp=8 the state is well under a quarter of the replicated size.
@@ -98,15 +99,15 @@ def test_state_bytes_per_device_fall_as_fsdp_grows(states):
 
 
 def test_mesh_axis_moves_to_a_dimension_it_divides():
-    mesh = sharding.create_mesh(1, 8)
+    mesh = parallel.create_mesh(1, 8)
     names = ("vocab", "embed")
-    assert sharding.logical_to_mesh_spec(names, (1001, 1152), mesh) == PartitionSpec(None, "fsdp")
+    assert parallel.logical_to_mesh_spec(names, (1001, 1152), mesh) == PartitionSpec(None, "fsdp")
     # "embed" comes first in the rules; when it does not divide, "vocab" takes the axis.
-    assert sharding.logical_to_mesh_spec(names, (1000, 1151), mesh) == PartitionSpec("fsdp", None)
-    assert sharding.logical_to_mesh_spec(names, (1001, 1151), mesh) == PartitionSpec(None, None)
-    small = sharding.logical_to_mesh_spec(names, (8, 8), mesh, min_size=65)
+    assert parallel.logical_to_mesh_spec(names, (1000, 1151), mesh) == PartitionSpec("fsdp", None)
+    assert parallel.logical_to_mesh_spec(names, (1001, 1151), mesh) == PartitionSpec(None, None)
+    small = parallel.logical_to_mesh_spec(names, (8, 8), mesh, min_size=65)
     assert small == PartitionSpec()
-    square = sharding.logical_to_mesh_spec(("hidden", "hidden_out"), (64, 64), mesh, min_size=0)
+    square = parallel.logical_to_mesh_spec(("hidden", "hidden_out"), (64, 64), mesh, min_size=0)
     assert square == PartitionSpec("fsdp", None)  # one mesh axis per tensor
 
 
@@ -135,7 +136,7 @@ def test_checkpoint_restores_into_a_different_mesh(tmp_path, target):
 
     data, fsdp, count = target
     new_config = small_config(data, fsdp)
-    mesh = sharding.create_mesh(data, fsdp, jax.devices()[:count])
+    mesh = parallel.create_mesh(data, fsdp, jax.devices()[:count])
     model, tx = train_state.build_model(new_config), train_state.create_optimizer(new_config)
     abstract, shardings = train_state.abstract_train_state(new_config, model, tx, mesh)
     loader = checkpoint.Checkpointer(str(tmp_path))
@@ -160,17 +161,17 @@ def test_checkpoint_restores_into_a_different_mesh(tmp_path, target):
 
 def _train_step_flops_per_device(config, global_batch: int) -> float:
     """XLA's FLOP count of one device's share of the compiled train step (nothing runs)."""
-    from diffussm_jax.training import train_step, trainer
+    from diffussm_jax.training import train_step
 
     with config.unlocked():
         config.global_batch_size = global_batch
     devices = jax.devices()[: config.mesh.data * config.mesh.fsdp]
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     abstract, shardings = train_state.abstract_train_state(config, model, tx, mesh)
     batch = train_step.abstract_batch(config, mesh, global_batch)
-    diffusion = trainer.create_diffusion(config)
+    diffusion = training.create_diffusion(config)
     step = train_step.make_train_step(config, model, diffusion, mesh, shardings)
     cost = step.lower(abstract, batch).compile().cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])

@@ -17,9 +17,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import imagenet256
-from diffussm_jax import data, training, vae
+from diffussm_jax import data, inference, sampling, training, vae
 from diffussm_jax.data import latents
-from diffussm_jax.training import sample_workdir, sampling
 
 pytest.importorskip("safetensors")  # the VAE files are safetensors
 
@@ -186,10 +185,10 @@ def test_train_on_latents_then_sample_and_decode(workspace, extracted, tmp_path)
     del extracted
     workdir = str(tmp_path / "run")
     config = latent_config(workspace)
-    state = training.train_and_evaluate(config, workdir)
+    state = training.train(config, workdir)
     assert int(state.step) == 3
 
-    paths = sample_workdir.sample_to_npz(
+    paths = inference.sample_to_npz(
         workdir, str(tmp_path / "samples.npz"), num_samples=5, labels=[0, 1], steps=2
     )
     with np.load(paths["npz"], allow_pickle=False) as f:
@@ -199,13 +198,14 @@ def test_train_on_latents_then_sample_and_decode(workspace, extracted, tmp_path)
     assert images.std() > 0
 
     # The decoded samples are the VAE decoding of the sampled latents / latent_scale.
-    saved = sample_workdir.load_config(workdir)
-    mesh = training.sharding.create_mesh(saved.mesh.data, saved.mesh.fsdp)
-    model, params, _ = sample_workdir.restore_ema_params(workdir, saved, mesh)
+    saved = inference.load_config(workdir)
+    experiment = training.setup(saved, for_training=False)
+    model, mesh = experiment.model, experiment.mesh
+    params, _ = inference.restore_ema_params(experiment, workdir)
     # The settings sample_to_npz used, so the compiled sampler comes from the persistent cache.
     kwargs = dict(sampler=saved.sampling.sampler, steps=2, cfg_scale=saved.sampling.cfg_scale)
-    diffusion = training.trainer.create_diffusion(saved)
-    decoder = sampling.latent_decoder(saved)
+    diffusion = training.create_diffusion(saved)
+    decoder = training.latent_decoder(saved)
     plain = sampling.make_sample_fn(model, diffusion, mesh, **kwargs)
     decoded = sampling.make_sample_fn(model, diffusion, mesh, decoder=decoder, **kwargs)
     rng, labels = jax.random.key(7), np.array([0, 1, 1], np.int32)
@@ -237,11 +237,11 @@ def test_latent_config_without_vae_is_explained(workspace):
     with config.unlocked():
         config.vae.path = None
     with pytest.raises(ValueError, match=r"--config\.vae\.path"):
-        sampling.latent_decoder(config)
+        training.latent_decoder(config)
     with config.unlocked():
         config.data.channels = 3
     with pytest.raises(ValueError, match="4 latent channels"):
-        sampling.latent_decoder(config, workspace["vae"])
+        training.latent_decoder(config, workspace["vae"])
 
 
 def test_launcher_on_embedded_digits(workspace):

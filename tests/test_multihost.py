@@ -30,8 +30,10 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from diffussm_jax import parallel
 from diffussm_jax.data import embedded_digits
-from diffussm_jax.training import checkpoint, distributed, sharding, train_state
+from diffussm_jax.parallel import runtime
+from diffussm_jax.training import checkpoint, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STEPS, TOTAL_STEPS = 3, 6  # checkpoint after step 3, resume to step 6
@@ -60,16 +62,16 @@ RECORD_ENV = "DIFFUSSM_RECORD_BATCHES"  # set: each process records its rows' di
 
 
 def test_flags_give_an_explicit_plan():
-    plan = distributed.plan_initialization("auto", "10.0.0.1:1234", 4, 3, env={}, tpu_vm=False)
+    plan = runtime.plan_initialization("auto", "10.0.0.1:1234", 4, 3, env={}, tpu_vm=False)
     assert plan.kwargs()["coordinator_address"] == "10.0.0.1:1234"
     assert (plan.num_processes, plan.process_id) == (4, 3)
 
 
 def test_single_machine_without_scheduler_runs_as_one_process():
-    assert distributed.plan_initialization("auto", env={}, tpu_vm=False) is None
+    assert runtime.plan_initialization("auto", env={}, tpu_vm=False) is None
     # An sbatch shell with one task, or salloc outside srun, is not a multi-process step.
     one_task = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}
-    assert distributed.plan_initialization("auto", env=one_task, tpu_vm=False) is None
+    assert runtime.plan_initialization("auto", env=one_task, tpu_vm=False) is None
 
 
 def test_slurm_openmpi_and_tpu_are_auto_detected():
@@ -80,24 +82,24 @@ def test_slurm_openmpi_and_tpu_are_auto_detected():
         "SLURM_LOCALID": "1",
         "SLURM_STEP_NODELIST": "gpu[001-002]",
     }
-    plan = distributed.plan_initialization("auto", env=srun, tpu_vm=False)
+    plan = runtime.plan_initialization("auto", env=srun, tpu_vm=False)
     assert plan is not None and plan.coordinator_address is None and "SLURM" in plan.reason
     mpirun = {"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}
-    assert "Open MPI" in distributed.plan_initialization("auto", env=mpirun, tpu_vm=False).reason
-    assert "TPU" in distributed.plan_initialization("auto", env={}, tpu_vm=True).reason
-    assert distributed.plan_initialization("off", env=srun, tpu_vm=True) is None
-    assert distributed.plan_initialization("on", env={}, tpu_vm=False) is not None
+    assert "Open MPI" in runtime.plan_initialization("auto", env=mpirun, tpu_vm=False).reason
+    assert "TPU" in runtime.plan_initialization("auto", env={}, tpu_vm=True).reason
+    assert runtime.plan_initialization("off", env=srun, tpu_vm=True) is None
+    assert runtime.plan_initialization("on", env={}, tpu_vm=False) is not None
 
 
 def test_bad_flags_are_explained():
     with pytest.raises(ValueError, match="also pass --num_processes, --process_id"):
-        distributed.plan_initialization("auto", "h:1", env={})
+        runtime.plan_initialization("auto", "h:1", env={})
     with pytest.raises(ValueError, match=r"must be in \[0, --num_processes=2\)"):
-        distributed.plan_initialization("auto", "h:1", 2, 2, env={})
+        runtime.plan_initialization("auto", "h:1", 2, 2, env={})
     with pytest.raises(ValueError, match="host:port"):
-        distributed.plan_initialization("auto", "h", 2, 0, env={})
+        runtime.plan_initialization("auto", "h", 2, 0, env={})
     with pytest.raises(ValueError, match="contradicts"):
-        distributed.plan_initialization("off", "h:1", 2, 0, env={})
+        runtime.plan_initialization("off", "h:1", 2, 0, env={})
 
 
 # ------------------------------------------------------------------------- launching processes
@@ -190,14 +192,14 @@ def record_main(argv: list[str]) -> None:
     from absl import app
 
     from diffussm_jax import data
-    from diffussm_jax.training import trainer
+    from diffussm_jax.training import loop
     from launch import train as train_launcher
 
-    real = trainer.global_batch
+    real = loop.global_batch
 
     def recording(local, config, mesh):
         rows = data.process_rows(
-            mesh, config.global_batch_size, jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+            mesh, config.global_batch_size, jax.sharding.PartitionSpec(parallel.BATCH_AXES)
         )
         digests = {
             int(row): hashlib.sha256(
@@ -210,7 +212,7 @@ def record_main(argv: list[str]) -> None:
             f.write(json.dumps(digests) + "\n")
         return real(local, config, mesh)
 
-    trainer.global_batch = recording
+    loop.global_batch = recording
     app.run(train_launcher.main, argv=[argv[0], *argv[1:]])
 
 
@@ -241,7 +243,7 @@ def resume_copy(source, step: int, target) -> None:
 def final_state(workdir):
     """The state of `workdir`'s step-6 checkpoint, restored on this process's 8 devices."""
     config = quickstart.get_config("smoke")
-    mesh = sharding.create_mesh(4, 2)
+    mesh = parallel.create_mesh(4, 2)
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     abstract = train_state.abstract_train_state(config, model, tx, mesh)[0]

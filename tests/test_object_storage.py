@@ -22,10 +22,11 @@ import storage_server
 from PIL import Image
 
 from configs import quickstart
-from diffussm_jax import data, files, training, vae
+from diffussm_jax import data, files, inference, training, vae
 from diffussm_jax.data import latents
 from diffussm_jax.evaluation import digits
-from diffussm_jax.training import checkpoint, evaluate_workdir, metrics, plots, sample_workdir
+from diffussm_jax.inference import evaluate as run_evaluation
+from diffussm_jax.training import checkpoint, metric_logging, plots
 
 
 @contextlib.contextmanager
@@ -123,8 +124,8 @@ def test_train_sample_and_evaluate_with_every_file_in_a_bucket(bucket, tmp_path,
         config.sample_every_steps = 4
         config.sampling.steps = 2
     # A new TensorBoard event file per write (100 in real runs) keeps each upload small.
-    monkeypatch.setattr(metrics.MetricWriter, "EVENTS_PER_FILE_REMOTE", 1)
-    training.train_and_evaluate(config, workdir)
+    monkeypatch.setattr(metric_logging.MetricWriter, "EVENTS_PER_FILE_REMOTE", 1)
+    training.train(config, workdir)
 
     names = files.listdir(workdir)
     for expected in ("checkpoints", "config.json", "metrics.jsonl", "plots", "samples", "tb"):
@@ -142,17 +143,17 @@ def test_train_sample_and_evaluate_with_every_file_in_a_bucket(bucket, tmp_path,
     assert plots.read_metrics(plots.metrics_path(workdir))["loss"][0].tolist() == [2, 4]
 
     output = files.join(bucket, "samples", "milestone.npz")
-    paths = sample_workdir.sample_to_npz(workdir, output, num_samples=4, checkpoint_step=2)
+    paths = inference.sample_to_npz(workdir, output, num_samples=4, checkpoint_step=2)
     assert paths["png"] == files.join(bucket, "samples", "milestone.png")
     assert json.loads(str(files.load_npz(output)["meta"]))["step"] == 2
 
-    result = evaluate_workdir.evaluate(workdir, num_samples=8, checkpoint_step=2, labels="balanced")
+    result = run_evaluation.evaluate(workdir, num_samples=8, checkpoint_step=2, labels="balanced")
     assert result["step"] == 2 and result["samples"].startswith(f"{workdir}/eval/")
     assert files.exists(result["samples"]) and files.exists(result["scores"])
     shards = [name for name in files.listdir(f"{workdir}/eval") if name.endswith(".shards")]
     assert files.listdir(f"{workdir}/eval/{shards[0]}") == [
         "batch_000000.npz",
-        evaluate_workdir.MANIFEST,
+        run_evaluation.MANIFEST,
     ]
 
 
@@ -235,10 +236,10 @@ def test_s3_holds_samples_but_a_training_workdir_there_is_refused(s3_bucket, tmp
         config.data.data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
         config.num_train_steps = 2
         config.checkpoint_every_steps = 2
-    training.train_and_evaluate(config, workdir)
+    training.train(config, workdir)
     output = files.join(s3_bucket, "samples", "run.npz")
-    paths = sample_workdir.sample_to_npz(workdir, output, num_samples=4, steps=2)
+    paths = inference.sample_to_npz(workdir, output, num_samples=4, steps=2)
     assert paths["png"] == files.join(s3_bucket, "samples", "run.png")
     assert files.load_npz(output)["arr_0"].shape == (4, 16, 16, 1)
     with pytest.raises(ValueError, match=r"s3://.*gs://.*mount"):
-        training.train_and_evaluate(config, files.join(s3_bucket, "run"))
+        training.train(config, files.join(s3_bucket, "run"))

@@ -32,16 +32,10 @@ import storage_server
 from source_checks import unsafe_loads
 
 from configs import quickstart
-from diffussm_jax import data, files, training
+from diffussm_jax import data, files, parallel, training
 from diffussm_jax.data import input_pipeline
 from diffussm_jax.evaluation import digits
-from diffussm_jax.training import (
-    checkpoint,
-    sharding,
-    train_state,
-    train_step,
-    trainer,
-)
+from diffussm_jax.training import checkpoint, loop, train_state, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
@@ -70,7 +64,7 @@ def crash_config():
 
 
 def abstract_state(config, devices=None):
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     return train_state.abstract_train_state(config, model, tx, mesh)[0]
@@ -179,7 +173,7 @@ def kill_and_resume_exactly(workdir: str, tmp_path: Path, env: dict[str, str], p
     """Interrupts one training run in `workdir` 4 times (SIGKILL mid-checkpoint-write and
     mid-step, SIGTERM), restarting the same command each time; the final state must equal an
     uninterrupted run's (local workdir) bitwise, and no checkpoint may ever fail to restore."""
-    trainer.create_data_iterator(crash_config())  # build the dataset before two runs read it
+    loop.create_data_iterator(crash_config())  # build the dataset before two runs read it
     abstract = abstract_state(crash_config(), jax.devices()[:1])
     rng = random.Random(9)
     plan = ["write", "step", "write", "sigterm"]
@@ -296,7 +290,7 @@ def test_kill9_resume_is_exact_with_the_workdir_in_a_bucket(tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def small_state():
     config = smoke_config()
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = parallel.create_mesh(config.mesh.data, config.mesh.fsdp)
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     state, _ = train_state.create_train_state(config, model, tx, mesh)
@@ -383,7 +377,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_fills)
     with pytest.raises(checkpoint.CheckpointWriteError) as raised:
-        training.train_and_evaluate(config, str(tmp_path))
+        training.train(config, str(tmp_path))
     message = str(raised.value)
     assert "writing checkpoint step 4" in message and "No space left on device" in message
     assert "previous checkpoint (step 2) is intact" in message and "disk is full" in message
@@ -391,7 +385,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
     assert os.listdir(tmp_path / "checkpoints") == ["2"]  # the torn step 4 was removed
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", real_save)
-    state = training.train_and_evaluate(config, str(tmp_path))
+    state = training.train(config, str(tmp_path))
     assert int(state.step) == 6
 
 
@@ -401,7 +395,7 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path, monkeypatc
 
 def inject_nan_batch(monkeypatch, at_step: int):
     """Makes the `at_step`-th batch (1-based) the data iterator yields hold one NaN pixel."""
-    real_create = trainer.create_data_iterator
+    real_create = loop.create_data_iterator
 
     def create_data_iterator(config, *args, **kwargs):
         iterator = real_create(config, *args, **kwargs)
@@ -421,14 +415,14 @@ def inject_nan_batch(monkeypatch, at_step: int):
         monkeypatch.setattr(type(iterator), "__next__", next_batch)
         return iterator
 
-    monkeypatch.setattr(trainer, "create_data_iterator", create_data_iterator)
+    monkeypatch.setattr(loop, "create_data_iterator", create_data_iterator)
 
 
 def test_nonfinite_stop_names_step_quantity_and_last_checkpoint(tmp_path, monkeypatch):
     inject_nan_batch(monkeypatch, at_step=3)
     config = smoke_config(num_train_steps=6, checkpoint_every_steps=2, nonfinite="stop")
     with pytest.raises(training.NonFiniteError) as raised:
-        training.train_and_evaluate(config, str(tmp_path))
+        training.train(config, str(tmp_path))
     message = str(raised.value)
     assert message.startswith("step 3: non-finite loss (loss=nan")
     assert "Input batch has non-finite values: 1 in 'image'" in message
@@ -440,7 +434,7 @@ def test_nonfinite_skip_logs_the_step_and_keeps_training(tmp_path, monkeypatch, 
     inject_nan_batch(monkeypatch, at_step=3)
     config = smoke_config(num_train_steps=4, checkpoint_every_steps=2, log_every_steps=2)
     with caplog.at_level(logging.WARNING):
-        state = training.train_and_evaluate(config, str(tmp_path))
+        state = training.train(config, str(tmp_path))
     assert "update skipped (config.nonfinite='skip') at step 3 (loss)" in caplog.text
     assert "Latest checkpoint: step 2" in caplog.text
     assert int(state.step) == 4 and not checkpoint.nonfinite_leaves(state)
@@ -465,7 +459,7 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path, monkeypatch):
     monkeypatch.setattr(train_step, "make_train_step", make_poisoned_step)
     config = smoke_config(num_train_steps=6, checkpoint_every_steps=2)
     with pytest.raises(training.NonFiniteError) as raised:
-        training.train_and_evaluate(config, str(tmp_path))
+        training.train(config, str(tmp_path))
     message = str(raised.value)
     assert message.startswith("step 4: the train state holds non-finite values in .params[")
     assert "checkpoint NOT written. Last good checkpoint: step 2" in message
@@ -475,13 +469,13 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path, monkeypatch):
 def test_update_that_overflows_is_skipped_and_named():
     """Finite loss and gradients but an infinite learning rate: the update is not applied."""
     config = smoke_config(learning_rate=float("inf"))
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
     before = jax.device_get(state.params)
     step_fn = train_step.make_train_step(
-        config, model, trainer.create_diffusion(config), mesh, shardings
+        config, model, training.create_diffusion(config), mesh, shardings
     )
     rng = np.random.default_rng(0)
     side = config.data.image_size
@@ -499,7 +493,7 @@ def test_update_that_overflows_is_skipped_and_named():
 
 def test_unknown_nonfinite_policy_is_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"config.nonfinite='ignore'; choose one of"):
-        training.train_and_evaluate(smoke_config(nonfinite="ignore"), str(tmp_path))
+        training.train(smoke_config(nonfinite="ignore"), str(tmp_path))
 
 
 def test_corrupt_record_error_says_how_to_fix_it():

@@ -18,15 +18,8 @@ import pytest
 
 from configs import quickstart
 from diffussm_jax import diffusion as diffusion_lib
-from diffussm_jax import training
-from diffussm_jax.training import (
-    sample_workdir,
-    sampling,
-    sharding,
-    train_state,
-    train_step,
-    trainer,
-)
+from diffussm_jax import inference, parallel, sampling, training
+from diffussm_jax.training import loop, train_state, train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +45,7 @@ def fixed_batch(size=16, seed=0):
 
 def run_steps(config, mesh, batches):
     model = train_state.build_model(config)
-    diffusion = trainer.create_diffusion(config)
+    diffusion = training.create_diffusion(config)
     tx = train_state.create_optimizer(config)
     state, shardings = train_state.create_train_state(config, model, tx, mesh)
     step = train_step.make_train_step(config, model, diffusion, mesh, shardings)
@@ -67,15 +60,15 @@ def test_sharded_step_equals_single_device_step():
     config = smoke_config(**{"mesh.fsdp": 4, "mesh.fsdp_min_size": 0})
     batches = [fixed_batch(seed=i) for i in range(2)]
     single, single_metrics = run_steps(
-        config, sharding.create_mesh(1, 1, jax.devices()[:1]), batches
+        config, parallel.create_mesh(1, 1, jax.devices()[:1]), batches
     )
-    mesh = sharding.create_mesh(2, 4)
+    mesh = parallel.create_mesh(2, 4)
     sharded, sharded_metrics = run_steps(config, mesh, batches)
 
     # FSDP really shards: the largest kernels are split over the 4 'fsdp' devices.
     w2 = sharded.params["blocks"]["W2"]["kernel"]
     assert w2.sharding.shard_shape(w2.shape)[1] == w2.shape[1] // 4
-    assert sharding.bytes_per_device(sharded.params) < sharding.bytes_per_device(single.params)
+    assert parallel.bytes_per_device(sharded.params) < parallel.bytes_per_device(single.params)
 
     # Same math, different reduction order across devices: float32 roundoff only.
     for a, b in zip(single_metrics, sharded_metrics, strict=True):
@@ -89,11 +82,11 @@ def test_loss_decreases_on_embedded_digits():
     config = smoke_config(num_train_steps=40, sample_every_steps=0)
     config.unlock()
     config.learning_rate = 1e-3
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
-    iterator = trainer.create_data_iterator(config)
-    batches = [trainer.global_batch(next(iterator), config, mesh) for _ in range(40)]
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
+    iterator = loop.create_data_iterator(config)
+    batches = [loop.global_batch(next(iterator), config, mesh) for _ in range(40)]
     model = train_state.build_model(config)
-    diffusion = trainer.create_diffusion(config)
+    diffusion = training.create_diffusion(config)
     eval_batch = batches[0]
     t = jnp.arange(16, dtype=jnp.int32) * 62
     noise = jax.random.normal(jax.random.key(7), eval_batch["image"].shape)
@@ -120,15 +113,15 @@ def test_loss_decreases_on_embedded_digits():
 def test_resume_matches_uninterrupted_run(tmp_path):
     """10 steps straight == 6 steps, restart from the checkpoint, 4 more: bitwise."""
     config = smoke_config(num_train_steps=10, checkpoint_every_steps=3, sample_every_steps=0)
-    straight = training.train_and_evaluate(config, str(tmp_path / "straight"))
+    straight = training.train(config, str(tmp_path / "straight"))
 
     resumed_dir = str(tmp_path / "resumed")
     with config.unlocked():
         config.num_train_steps = 6
-    training.train_and_evaluate(config, resumed_dir)
+    training.train(config, resumed_dir)
     with config.unlocked():
         config.num_train_steps = 10
-    resumed = training.train_and_evaluate(config, resumed_dir)
+    resumed = training.train(config, resumed_dir)
 
     assert int(resumed.step) == 10
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
@@ -136,7 +129,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     batches = [fixed_batch(seed=i) for i in range(3)]
     whole, whole_metrics = run_steps(smoke_config(), mesh, batches)
     accumulated, accumulated_metrics = run_steps(smoke_config(grad_accum_steps=4), mesh, batches)
@@ -149,19 +142,19 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_pixel_samples_clip_their_x0_estimates_and_latents_do_not():
     config = smoke_config()
-    assert sampling.clip_denoised_for(config)  # uint8 digits in [-1, 1]
+    assert training.clip_denoised_for(config)  # uint8 digits in [-1, 1]
     latent = smoke_config(**{"data.latent_scale": 0.18215})
-    assert not sampling.clip_denoised_for(latent)
+    assert not training.clip_denoised_for(latent)
     forced = smoke_config(**{"data.latent_scale": 0.18215, "sampling.clip_denoised": True})
-    assert sampling.clip_denoised_for(forced)
+    assert training.clip_denoised_for(forced)
 
     # An untrained eps model predicts eps = 0, so its x_0 estimate x_t / sqrt(alpha_bar) is far
     # out of the data range: only the clip keeps a deterministic sampler's output inside it.
     # (The quickstart predicts v, whose x_0 estimate is not amplified, hence eps here.)
     config = smoke_config(**{"diffusion.prediction": "eps"})
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     model = train_state.build_model(config)
-    diffusion = trainer.create_diffusion(config)
+    diffusion = training.create_diffusion(config)
     state, _ = train_state.create_train_state(
         config, model, train_state.create_optimizer(config), mesh
     )
@@ -183,11 +176,11 @@ def flow_config(**fields):
 
 
 def test_process_settings_are_checked_and_errors_name_the_fix():
-    flow = trainer.create_diffusion(
+    flow = training.create_diffusion(
         flow_config(**{"diffusion.t_sampling": "logit_normal", "diffusion.logit_std": 0.5})
     )
     assert flow == diffusion_lib.create_flow("logit_normal", 0.0, 0.5)
-    gaussian = trainer.create_diffusion(
+    gaussian = training.create_diffusion(
         smoke_config(**{"diffusion.prediction": "v", "diffusion.loss_weighting": "min_snr"})
     )
     assert (gaussian.prediction, gaussian.loss_weighting, gaussian.min_snr_gamma) == (
@@ -200,24 +193,24 @@ def test_process_settings_are_checked_and_errors_name_the_fix():
         **{"diffusion.process": "flow", "learn_sigma": True, "diffusion.loss": "hybrid"}
     )
     with pytest.raises(ValueError, match=r"learn_sigma=False.*diffusion\.loss=mse"):
-        trainer.create_diffusion(wrong)
+        training.create_diffusion(wrong)
     with pytest.raises(ValueError, match="prediction=eps"):
-        trainer.create_diffusion(flow_config(**{"diffusion.prediction": "v"}))
+        training.create_diffusion(flow_config(**{"diffusion.prediction": "v"}))
     with pytest.raises(ValueError, match="process=flow"):
-        trainer.create_diffusion(smoke_config(**{"diffusion.t_sampling": "logit_normal"}))
+        training.create_diffusion(smoke_config(**{"diffusion.t_sampling": "logit_normal"}))
     with pytest.raises(ValueError, match=r"choose one of \('gaussian', 'flow'\)"):
-        trainer.create_diffusion(smoke_config(**{"diffusion.process": "ode"}))
+        training.create_diffusion(smoke_config(**{"diffusion.process": "ode"}))
     # The quickstart's dpm++2m cannot sample a flow model: caught before training starts.
     dpm = flow_config(**{"sampling.sampler": "dpm++2m"})
     with pytest.raises(ValueError, match=r"sampling\.sampler to one of \('euler', 'heun'\)"):
-        trainer.check_samplers(dpm, trainer.create_diffusion(dpm))
+        training.experiment.check_samplers(dpm, training.create_diffusion(dpm))
     heun_eval = smoke_config(**{"eval.sampler": "heun"})
     with pytest.raises(ValueError, match=r"eval\.sampler='heun'.*'ddpm', 'ddim', 'dpm\+\+2m'"):
-        trainer.check_samplers(heun_eval, trainer.create_diffusion(heun_eval))
+        training.experiment.check_samplers(heun_eval, training.create_diffusion(heun_eval))
     # No x_0 clip for flow (the pixel default would clip), and an explicit one is refused.
-    assert not sampling.clip_denoised_for(flow_config())
+    assert not training.clip_denoised_for(flow_config())
     with pytest.raises(ValueError, match="clip_denoised"):
-        sampling.clip_denoised_for(flow_config(**{"sampling.clip_denoised": True}))
+        training.clip_denoised_for(flow_config(**{"sampling.clip_denoised": True}))
     assert train_state.build_model(flow_config()).timestep_scale == 1000.0
     assert train_state.build_model(smoke_config()).timestep_scale == 1.0
 
@@ -228,14 +221,14 @@ def test_runs_saved_before_the_process_fields_stay_gaussian():
         del saved["diffusion"][name]
     old = ml_collections.ConfigDict(saved)
     old.lock()
-    diffusion = trainer.create_diffusion(old)
+    diffusion = training.create_diffusion(old)
     assert isinstance(diffusion, diffusion_lib.Diffusion) and diffusion.prediction == "eps"
     assert train_state.build_model(old).timestep_scale == 1.0
 
 
 def test_flow_train_step_and_sample_grid():
     config = flow_config()
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     batches = [fixed_batch(seed=i) for i in range(2)]
     state, history = run_steps(config, mesh, batches)
     first = history[0]
@@ -250,7 +243,7 @@ def test_flow_train_step_and_sample_grid():
         assert metrics["bucket_count"].sum() == 16  # every flow time falls in a quartile
 
     model = train_state.build_model(config)
-    diffusion = trainer.create_diffusion(config)
+    diffusion = training.create_diffusion(config)
     with pytest.raises(ValueError, match=r"\('euler', 'heun'\)"):
         sampling.make_sample_fn(model, diffusion, mesh, sampler="ddpm", steps=2, cfg_scale=2.0)
     sample_fn = sampling.make_sample_fn(
@@ -260,7 +253,7 @@ def test_flow_train_step_and_sample_grid():
         sampler="heun",
         steps=2,
         cfg_scale=2.0,
-        clip_denoised=sampling.clip_denoised_for(config),
+        clip_denoised=training.clip_denoised_for(config),
     )
     samples = sampling.draw(sample_fn, state.ema_params, jax.random.key(0), np.arange(3), mesh)
     assert samples.shape == (3, SIDE, SIDE, 1) and np.all(np.isfinite(samples))
@@ -291,7 +284,7 @@ def test_ema_warmup_forgets_the_initial_parameters():
 
 def test_nonfinite_batch_skips_update():
     config = smoke_config()
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     good = fixed_batch()
     bad = {**good, "image": good["image"].at[0, 0, 0, 0].set(jnp.nan)}
     state, history = run_steps(config, mesh, [good, bad])
@@ -311,7 +304,7 @@ def test_update_that_overflows_from_finite_inputs_is_flagged_as_applied():
     """In place, an update that overflows although loss, gradients and learning rates were
     finite cannot be undone: the step says so, and the trainer stops on it."""
     config = smoke_config()
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     model = train_state.build_model(config)
     tx = optax.chain(optax.scale(3e38), optax.scale(10.0))  # finite factors, infinite updates
     state, _ = train_state.create_train_state(config, model, tx, mesh)
@@ -319,7 +312,7 @@ def test_update_that_overflows_from_finite_inputs_is_flagged_as_applied():
         state,
         fixed_batch(),
         model=model,
-        diffusion=trainer.create_diffusion(config),
+        diffusion=training.create_diffusion(config),
         optimizer=train_step.SkippableOptimizer(lambda keep: tx, {"default": 1e-4}),
         ema_decay=0.9,
     )
@@ -328,7 +321,7 @@ def test_update_that_overflows_from_finite_inputs_is_flagged_as_applied():
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
     assert "applied in place" in train_step.nonfinite_quantity(metrics)
     assert "training stops whatever config.nonfinite says" in str(
-        trainer.overflow_error(7, "step 5 in /x")
+        loop.overflow_error(7, "step 5 in /x")
     )
 
 
@@ -336,7 +329,7 @@ def test_ssm_dynamics_have_their_own_optimizer_group():
     config = smoke_config()
     with config.unlocked():
         config.ssm_learning_rate = 0.0
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     model = train_state.build_model(config)
     tx = train_state.create_optimizer(config)
     start, _ = train_state.create_train_state(config, model, tx, mesh)
@@ -360,24 +353,24 @@ def test_logged_learning_rate_is_the_one_the_optimizer_applied():
         # Constant gradients: Adam's bias-corrected step is lr * sign(gradient), up to float32
         # rounding of the bias corrections.
         updates, opt_state = tx.update({"w": jnp.full(3, 0.5)}, opt_state, params)
-        logged = trainer.learning_rates_logged(config, update_index + 1)  # at the step after
+        logged = loop.learning_rates_logged(config, update_index + 1)  # at the step after
         assert logged == {"learning_rate": pytest.approx(-float(updates["w"][0]), rel=1e-4)}
     halfway = train_state.learning_rate_at(config, 2)
     assert halfway == {"default": pytest.approx(0.005), "ssm": pytest.approx(0.005)}
     with config.unlocked():
         config.ssm_learning_rate = 0.001
-    assert trainer.learning_rates_logged(config, 100) == {
+    assert loop.learning_rates_logged(config, 100) == {
         "learning_rate": pytest.approx(0.01),
         "ssm_learning_rate": pytest.approx(0.001),
     }
 
 
 def test_batch_and_mesh_errors_name_both_numbers():
-    mesh = sharding.create_mesh(2, 4)
+    mesh = parallel.create_mesh(2, 4)
     with pytest.raises(ValueError, match="global_batch_size 12 is not divisible by the 8"):
-        sharding.check_global_batch(12, mesh)
+        parallel.check_global_batch(12, mesh)
     with pytest.raises(ValueError, match="3 x fsdp=2"):
-        sharding.create_mesh(3, 2)
+        parallel.create_mesh(3, 2)
     # Resuming a checkpointed run on a device count its batch does not divide: say both ways out.
     config = smoke_config(global_batch_size=12)
 
@@ -386,24 +379,24 @@ def test_batch_and_mesh_errors_name_both_numbers():
             return [4, 8]
 
     with pytest.raises(ValueError, match=r"not divisible by the 8.*steps \[4, 8\].*divides 12"):
-        trainer.check_batch_fits(config, mesh, Checkpoints())
+        loop.check_batch_fits(config, mesh, Checkpoints())
 
 
 def test_bad_labels_and_shapes_are_explained():
     config = smoke_config()
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
     batch = {k: np.asarray(v) for k, v in fixed_batch().items()}
     with pytest.raises(ValueError, match=r"labels out of range \[0, 10\)"):
-        trainer.global_batch({**batch, "label": batch["label"] + 10}, config, mesh)
+        loop.global_batch({**batch, "label": batch["label"] + 10}, config, mesh)
     with pytest.raises(ValueError, match="image_size"):
-        trainer.global_batch({**batch, "image": batch["image"][:, : SIDE - 2]}, config, mesh)
+        loop.global_batch({**batch, "image": batch["image"][:, : SIDE - 2]}, config, mesh)
 
 
 def test_unwritable_workdir_is_explained(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     with pytest.raises(PermissionError, match="not writable"):
-        trainer.check_workdir(str(blocked / "run"))
+        loop.check_workdir(str(blocked / "run"))
 
 
 @functools.lru_cache
@@ -436,14 +429,15 @@ def test_milestone_checkpoints_survive_rotation_and_can_be_sampled(tmp_path):
         keep_every_steps=5,
         sample_every_steps=0,
     )
-    final = training.train_and_evaluate(config, workdir)
+    final = training.train(config, workdir)
     names = os.listdir(os.path.join(workdir, "checkpoints"))
     steps = sorted(int(name) for name in names if name.isdigit())
     assert steps == [5, 10]  # 3, 6 and 9 rotated out; 5 is a milestone, 10 the newest
 
-    mesh = sharding.create_mesh(1, 1, jax.devices()[:1])
-    _, milestone, step = sample_workdir.restore_ema_params(workdir, config, mesh, checkpoint_step=5)
-    _, newest, newest_step = sample_workdir.restore_ema_params(workdir, config, mesh)
+    mesh = parallel.create_mesh(1, 1, jax.devices()[:1])
+    experiment = training.setup(config, mesh, for_training=False)
+    milestone, step = inference.restore_ema_params(experiment, workdir, checkpoint_step=5)
+    newest, newest_step = inference.restore_ema_params(experiment, workdir)
     assert (step, newest_step) == (5, 10)
     for a, b in zip(jax.tree.leaves(newest), jax.tree.leaves(final.ema_params), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -44,7 +44,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
@@ -58,6 +57,7 @@ from diffussm_jax import vae as vae_lib
 from diffussm_jax.data.embedded_digits import default_data_dir
 from diffussm_jax.data.input_pipeline import open_data_source
 from diffussm_jax.data.preprocessing import adm_center_crop
+from diffussm_jax.vae import codec
 
 VERSION = "1.0.0"
 MANIFEST_NAME = "extraction.json"
@@ -244,23 +244,6 @@ def _check_manifest(version_dir: str, manifest: dict[str, Any]) -> None:
 # Encoding
 
 
-def make_encode_fn(model: vae_lib.AutoencoderKL, mesh: Mesh):
-    """Jitted `encode(params, images (B, R, R, 3) uint8) -> posterior means (B, R/f, R/f, c)`.
-
-    B must be a multiple of the mesh size; the batch is split over the mesh's devices.
-    """
-    batch = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    @functools.partial(jax.jit, in_shardings=(replicated, batch), out_shardings=batch)
-    def encode(params, images):
-        pixels = images.astype(jnp.float32) / 127.5 - 1.0
-        mean, _ = model.apply({"params": params}, pixels, method=model.encode)
-        return mean
-
-    return encode
-
-
 def _with_flips(images: np.ndarray) -> np.ndarray:
     """(B, H, W, 3) -> (2B, H, W, 3): image 0, its mirror, image 1, its mirror, ..."""
     return np.stack([images, images[:, :, ::-1]], axis=1).reshape(-1, *images.shape[1:])
@@ -389,7 +372,7 @@ def extract_latents(
 
     devices = jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("batch",))
-    encode = make_encode_fn(model, mesh)
+    encode = codec.make_encode_fn(model, mesh)
     params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     # Each encoder call sees 2 * batch_size images (with mirrors), split over the devices.
     batch_size = -(-batch_size // len(devices)) * len(devices)

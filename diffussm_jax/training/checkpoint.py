@@ -270,8 +270,14 @@ class Checkpointer:
             + (f" from step {previous}." if previous is not None else "."),
         )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, subtree: str | None = None
+    ) -> tuple[Any, int]:
         """Restores into `abstract_state`'s shapes and shardings (any mesh).
+
+        `subtree` (a field of the saved state, e.g. "ema_params") reads that field alone, into
+        `abstract_state` given as the abstract of that field: inference reads the EMA weights
+        and none of the optimizer's moments (a quarter of the bytes under AdamW).
 
         With `step` unset, the newest step that restores is used: a step that fails to read is
         logged and skipped (and, for the owner, moved to `unreadable/` once an older step has
@@ -297,9 +303,8 @@ class Checkpointer:
         failures: list[tuple[int, Exception]] = []
         for candidate in candidates:
             try:
-                self._check_compatible(candidate, abstract_state)
-                items = {STATE: ocp.args.StandardRestore(abstract_state)}
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+                self._check_compatible(candidate, abstract_state, subtree)
+                restored = self._read_state(candidate, abstract_state, subtree)
             except CheckpointMismatchError:
                 raise
             except Exception as error:  # anything unreadable: try the previous step
@@ -318,7 +323,7 @@ class Checkpointer:
             for bad_step, _ in failures:
                 self._move_aside(bad_step)
             logging.info("Restored checkpoint step %d from %s", candidate, self.directory)
-            return restored[STATE], candidate
+            return restored, candidate
         tried = ", ".join(f"step {s}: {type(e).__name__}: {str(e)[:200]}" for s, e in failures)
         raise RuntimeError(
             f"no checkpoint in {self.directory} could be restored ({tried}). If the model or "
@@ -336,7 +341,23 @@ class Checkpointer:
         )
         return dict(restored[DATA_POSITION])
 
-    def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    def _read_state(self, step: int, abstract_state: Any, subtree: str | None) -> Any:
+        if subtree is None:
+            items = {STATE: ocp.args.StandardRestore(abstract_state)}
+            return self.manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+        item = {subtree: abstract_state}
+        restore_args = jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), item)
+        path = files.join(self.directory, str(step), STATE)
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        return restored[subtree]
+
+    def _check_compatible(self, step: int, abstract_state: Any, subtree: str | None) -> None:
         """Names every parameter whose shape differs, instead of orbax's first-failure error."""
         saved = self.manager.item_metadata(step)[STATE]
         saved = getattr(saved, "tree", saved)  # orbax's TreeMetadata wraps a dict
@@ -347,7 +368,9 @@ class Checkpointer:
             return
         expected = {
             jax.tree_util.keystr(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(
+                abstract_state if subtree else abstract_state.params
+            )
         }
         found = {
             jax.tree_util.keystr(path): tuple(leaf.shape)

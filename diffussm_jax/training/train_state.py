@@ -13,8 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from diffussm_jax import models, ssm
-from diffussm_jax.training import sharding
+from diffussm_jax import models, parallel, ssm
 
 
 @flax.struct.dataclass
@@ -163,7 +162,7 @@ def create_train_state(
       (state, state_shardings) with the shardings tree matching `state`.
     """
     create, boxed = _boxed_abstract_state(config, model, tx)
-    shardings = sharding.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
+    shardings = parallel.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
     state = jax.jit(lambda r: nn.meta.unbox(create(r)), out_shardings=shardings)(
         jax.random.key(config.seed)
     )
@@ -173,10 +172,22 @@ def create_train_state(
 def abstract_train_state(config, model, tx, mesh) -> tuple[TrainState, Any]:
     """ShapeDtypeStructs (with shardings) of the state, for restoring and ahead-of-time compiles."""
     _, boxed = _boxed_abstract_state(config, model, tx)
-    shardings = sharding.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
+    shardings = parallel.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
     abstract = jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
         nn.meta.unbox(boxed),
         shardings,
     )
     return abstract, shardings
+
+
+def abstract_params(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh) -> Any:
+    """ShapeDtypeStructs (with shardings) of the parameters alone: what inference restores (the
+    EMA copy), without building an optimizer. Sharded as `abstract_train_state` shards them."""
+    boxed = jax.eval_shape(init_variables, model, jax.random.key(config.seed))
+    shardings = parallel.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
+    return jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )

@@ -15,7 +15,8 @@ import optax
 from jax.sharding import Mesh
 
 from diffussm_jax import diffusion as diffusion_lib
-from diffussm_jax.training import sharding, train_state
+from diffussm_jax import parallel
+from diffussm_jax.training import train_state
 from diffussm_jax.training.train_state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -217,7 +218,7 @@ def abstract_batch(config, mesh: Mesh, global_batch: int | None = None) -> Batch
     """Shapes, dtypes and shardings of a training batch, for compiling ahead of time."""
     global_batch = global_batch or config.global_batch_size
     size, channels = config.data.image_size, config.data.channels
-    split = sharding.batch_sharding(mesh)
+    split = parallel.batch_sharding(mesh)
     return {
         "image": jax.ShapeDtypeStruct(
             (global_batch, size, size, channels), jnp.float32, sharding=split
@@ -246,13 +247,13 @@ def make_train_step(config, model: nn.Module, diffusion, mesh: Mesh, state_shard
         # The model's activation constraints (`layers.constrain_batch`) bind to this mesh.
         with (
             jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
-            nn.logical_axis_rules(sharding.ACTIVATION_RULES),
+            nn.logical_axis_rules(parallel.ACTIVATION_RULES),
         ):
             return step(state, batch)
 
     return jax.jit(
         sharded_step,
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )

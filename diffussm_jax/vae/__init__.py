@@ -4,6 +4,11 @@
     mean, logvar = model.apply({"params": params}, images, method=model.encode)
     images = model.apply({"params": params}, mean, method=model.decode)
 
+    autoencoder.py  the AutoencoderKL network (encoder, decoder, diagonal Gaussian posterior)
+    weights.py      diffusers' config.json + safetensors <-> Flax parameters
+    codec.py        the latent codec: jitted batch encoding, and the decoder that turns a latent
+                    model's (scaled) samples into images
+
 See docs/latents.md for the weights and the latent datasets.
 """
 
@@ -15,6 +20,7 @@ from diffussm_jax.vae.autoencoder import (
     param_shapes,
     sample_posterior,
 )
+from diffussm_jax.vae.codec import LatentDecoder, make_encode_fn
 from diffussm_jax.vae.weights import (
     VAEWeightsError,
     VAEWeightsNotFoundError,
@@ -30,6 +36,7 @@ from diffussm_jax.vae.weights import (
 __all__ = [
     "SD_KL_F8",
     "AutoencoderKL",
+    "LatentDecoder",
     "VAEConfig",
     "VAEWeightsError",
     "VAEWeightsNotFoundError",
@@ -39,6 +46,7 @@ __all__ = [
     "init_params",
     "key_map",
     "load",
+    "make_encode_fn",
     "param_shapes",
     "read_safetensors",
     "sample_posterior",

@@ -10,7 +10,7 @@
    generator before sampling starts (`labels="balanced"` cycles through the classes instead);
    batch b uses the key fold_in(key(seed), first index of b), so the result does not depend on
    which batches ran in which session.
-2. Each finished batch is converted to uint8 (`metrics.to_uint8`) and written atomically to
+2. Each finished batch is converted to uint8 (`evaluation.to_uint8`) and written atomically to
    `<name>.shards/batch_<b>.npz`. A restarted evaluation with the same settings skips the
    batches already on disk (a manifest in the shard directory records the settings; different
    settings in the same directory are an error, not a silent mix).
@@ -30,13 +30,14 @@ import json
 import re
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from diffussm_jax import console, data, evaluation, files
+from diffussm_jax import console, data, evaluation, files, parallel, sampling, training
 from diffussm_jax.evaluation import inception as inception_lib
-from diffussm_jax.training import metrics, sample_workdir, sampling, sharding, summary, trainer
+from diffussm_jax.inference import restore
+from diffussm_jax.training import summary
 
 MANIFEST = "manifest.json"
 ADM_METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
@@ -67,13 +68,6 @@ class SampleSettings:
             f"{'x'.join(map(str, self.image_shape))}_{self.sampler}{self.steps}_cfg{cfg}"
             f"_seed{self.seed}"
         )
-
-
-def _agree(flag: bool) -> bool:
-    """Process 0's value of `flag` on every process (its filesystem view decides)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _prepare_shard_dir(shard_dir: str, settings: SampleSettings) -> None:
@@ -113,6 +107,7 @@ def _read_shard(path: str, labels: np.ndarray, image_shape) -> np.ndarray | None
 
 def sample_shards(
     workdir: str,
+    config: ml_collections.ConfigDict,
     output_dir: str,
     *,
     num_samples: int,
@@ -128,75 +123,66 @@ def sample_shards(
 ) -> tuple[SampleSettings, list[str], np.ndarray]:
     """Draws the samples batch by batch into shard files, skipping finished batches.
 
+    `config` is the run's (`restore.load_config(workdir)`).
+
     Latent models are decoded through the VAE (`vae_path`, default `config.vae.path`), so the
     shards always hold images. `step`: the checkpoint (default: the newest).
 
     Returns:
       (settings, shard paths in order, labels (num_samples,)).
     """
-    config = sample_workdir.load_config(workdir)
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
-    decoder = sampling.latent_decoder(config, vae_path)  # before the slow restore: fail fast
-    model, params, step = sample_workdir.restore_ema_params(workdir, config, mesh, checkpoint_step)
-    devices = mesh.devices.size
-    batch_size = batch_size or config.global_batch_size
-    # Whole batches per device: every batch compiles to the same program.
-    batch_size = -(-batch_size // devices) * devices
+    decoder = training.latent_decoder(config, vae_path)  # before the slow restore: fail fast
+    experiment = training.setup(config, for_training=False)
+    params, step = restore.restore_ema_params(experiment, workdir, checkpoint_step)
     if decoder is None:
         image_shape = (config.data.image_size, config.data.image_size, config.data.channels)
     else:
         side = config.data.image_size * decoder.model.config.downsample_factor
         image_shape = (side, side, decoder.model.config.out_channels)
+    sampling_settings = training.sampling_settings(
+        config, sampler=sampler, steps=steps, cfg_scale=cfg_scale
+    )
+    all_labels = evaluation.draw_labels(num_samples, config.data.num_classes, seed, labels)
+    sample_fn = experiment.sample_fn(
+        decoder, guidance_channels=guidance_channels, **sampling_settings
+    )
+    draws = sampling.BatchedDraw(
+        sample_fn,
+        experiment.mesh,
+        all_labels,
+        batch_size=batch_size or config.global_batch_size,
+        key=jax.random.key(seed),
+    )
     settings = SampleSettings(
         model=config.model,
         step=int(step),
         num_samples=num_samples,
-        sampler=sampler or config.sampling.sampler,
-        steps=steps or config.sampling.steps,
-        cfg_scale=config.sampling.cfg_scale if cfg_scale is None else cfg_scale,
+        **sampling_settings,
         seed=seed,
-        batch_size=batch_size,
+        batch_size=draws.batch_size,
         labels=labels,
         guidance_channels=guidance_channels,
         vae=None if decoder is None else (vae_path or config.vae.path),
         image_shape=image_shape,
     )
-    all_labels = evaluation.draw_labels(num_samples, config.data.num_classes, seed, labels)
     shard_dir = files.join(output_dir, settings.name() + ".shards")
     _prepare_shard_dir(shard_dir, settings)
 
-    sample_fn = None
-    key = jax.random.key(seed)
     paths, drawn = [], 0
     progress = console.Progress(
         num_samples, label="sampled", item_name="img", enabled=jax.process_index() == 0
     )
-    for index, start in enumerate(range(0, num_samples, batch_size)):
-        batch_labels = all_labels[start : start + batch_size]
+    for index in range(len(draws)):
+        batch_labels = draws.labels_of(index)
         path = files.join(shard_dir, f"batch_{index:06d}.npz")
         paths.append(path)
-        if _agree(_read_shard(path, batch_labels, image_shape) is not None):
+        if parallel.agree_with_first(_read_shard(path, batch_labels, image_shape) is not None):
             continue
-        if sample_fn is None:
-            sample_fn = sampling.make_sample_fn(
-                model,
-                trainer.create_diffusion(config),
-                mesh,
-                sampler=settings.sampler,
-                steps=settings.steps,
-                cfg_scale=settings.cfg_scale,
-                guidance_channels=guidance_channels,
-                clip_denoised=sampling.clip_denoised_for(config),
-                decoder=decoder,
-            )
-        # Pad the last batch to the full size (one compilation); the padding is dropped.
-        padded = np.resize(batch_labels, batch_size)
-        images = sampling.draw(sample_fn, params, jax.random.fold_in(key, start), padded, mesh)
-        images = metrics.to_uint8(images[: len(batch_labels)])
+        images = draws.draw(params, index)
         if jax.process_index() == 0:
             files.save_npz(path, images=images, labels=batch_labels)
         drawn += 1
-        progress.report(start + len(batch_labels))
+        progress.report(draws.starts[index] + len(batch_labels))
     progress.close()
     if drawn < len(paths):
         logging.info(
@@ -293,7 +279,7 @@ def preview_grid(shard_paths: list[str], labels: str, num_classes: int) -> np.nd
         rows = -(-len(first) // num_classes)
     else:
         rows = int(np.ceil(np.sqrt(len(first))))
-    return metrics.image_grid(first, rows)
+    return sampling.image_grid(first, rows)
 
 
 def evaluate(
@@ -342,8 +328,10 @@ def evaluate(
             raise FileNotFoundError(f"{path} not found (see docs/evaluation.md).")
     workdir = files.resolve(workdir)
     output_dir = files.resolve(output_dir or files.join(workdir, "eval"))
+    config = restore.load_config(workdir)
     settings, shard_paths, all_labels = sample_shards(
         workdir,
+        config,
         output_dir,
         num_samples=num_samples,
         sampler=sampler,
@@ -363,15 +351,14 @@ def evaluate(
         "samples": npz_path,
         "grid": png_path,
         **dataclasses.asdict(settings),
-        "uint8": "round((x + 1) * 127.5), halves up, clipped to [0, 255] (evaluation.to_uint8)",
+        "uint8": evaluation.UINT8_RULE,
     }
     if jax.process_index() != 0:
         return result  # process 0 holds the shards (sampling needed every process; this not)
     evaluation.save_sample_batch_streamed(
         npz_path, _iterate_shards(shard_paths), (num_samples, *settings.image_shape), all_labels
     )
-    config = sample_workdir.load_config(workdir)
-    metrics.save_png(png_path, preview_grid(shard_paths, labels, config.data.num_classes))
+    sampling.save_png(png_path, preview_grid(shard_paths, labels, config.data.num_classes))
 
     if config.data.name == data.EmbeddedDigits.name:
         images = np.concatenate(list(_iterate_shards(shard_paths)))

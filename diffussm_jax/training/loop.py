@@ -1,18 +1,15 @@
-"""The training loop: `train_and_evaluate(config, workdir)`.
+"""The training loop: `train(config, workdir)`.
 
-Creates the mesh, model, diffusion, optimizer and sharded state; resumes from the newest
-checkpoint in `workdir` (state, EMA, optimizer, step and data position; on any number of
-processes and devices, see `create_data_iterator`); trains with periodic metrics, checkpoints
-(rolling, plus milestones every `keep_every_steps`) and EMA sample grids; on SIGTERM
-(preemption) saves and returns. `workdir` may be local or a bucket (`gs://...`): every file goes
-through `diffussm_jax.files`.
+Builds the experiment (`training.setup`: mesh, model, diffusion, optimizer, sharded state);
+resumes from the newest checkpoint in `workdir` (state, EMA, optimizer, step and data position;
+on any number of processes and devices, see `create_data_iterator`); trains with periodic
+metrics, checkpoints (rolling, plus milestones every `keep_every_steps`) and EMA sample grids
+(`training.hooks`); on SIGTERM (preemption) saves and returns. `workdir` may be local or a
+bucket (`gs://...`): every file goes through `diffussm_jax.files`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import signal
 import threading
 from typing import Any
@@ -21,21 +18,20 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from diffussm_jax import console, data, evaluation, files
-from diffussm_jax import diffusion as diffusion_lib
+from diffussm_jax import console, data, files, parallel
+from diffussm_jax.parallel import runtime
 from diffussm_jax.training import (
     checkpoint,
-    distributed,
-    fid_eval,
-    metrics,
+    hooks,
+    metric_logging,
     plots,
-    sampling,
-    sharding,
     summary,
     train_state,
     train_step,
+)
+from diffussm_jax.training import (
+    experiment as experiment_lib,
 )
 
 
@@ -71,120 +67,6 @@ def check_workdir(workdir: str) -> str:
     return workdir
 
 
-PROCESSES = ("gaussian", "flow")
-
-# Fields added with the flow process and the prediction options, and their values in runs saved
-# before they existed (the paper's recipe); for "process" see `train_state.process_name`.
-_DIFFUSION_DEFAULTS = {
-    "prediction": "eps",
-    "loss_weighting": "none",
-    "min_snr_gamma": 5.0,
-    "t_sampling": "uniform",
-    "logit_mean": 0.0,
-    "logit_std": 1.0,
-}
-
-
-def _diffusion_setting(config: ml_collections.ConfigDict, name: str):
-    return config.diffusion.get(name, _DIFFUSION_DEFAULTS[name])
-
-
-def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process:
-    """The process `config.diffusion` describes: Gaussian (`diffusion.create`) or flow.
-
-    Raises:
-      ValueError: an unknown process, or settings that do not fit it, listing every override
-        that would fix the config.
-    """
-    process = train_state.process_name(config)
-    setting = functools.partial(_diffusion_setting, config)
-    if process not in PROCESSES:
-        raise ValueError(
-            f"config.diffusion.process={process!r}; choose one of {PROCESSES} (docs/objectives.md)."
-        )
-    if process == "flow":
-        # The flow network predicts the velocity with C output channels: nothing of the
-        # Gaussian process's variance, prediction or weighting options applies.
-        fixes = []
-        if config.learn_sigma:
-            fixes.append("--config.learn_sigma=False (there is no variance to learn)")
-        if config.diffusion.loss != "mse":
-            fixes.append(f"--config.diffusion.loss=mse (not {config.diffusion.loss!r})")
-        if setting("prediction") != "eps":
-            fixes.append("--config.diffusion.prediction=eps (a flow network predicts eps - x_0)")
-        if setting("loss_weighting") != "none":
-            fixes.append("--config.diffusion.loss_weighting=none (min-SNR is Gaussian only)")
-        if fixes:
-            raise ValueError(
-                "config.diffusion.process='flow' (the network predicts the velocity eps - x_0) "
-                f"needs {'; '.join(fixes)}."
-            )
-        return diffusion_lib.create_flow(
-            t_sampling=setting("t_sampling"),
-            logit_mean=setting("logit_mean"),
-            logit_std=setting("logit_std"),
-        )
-    if setting("t_sampling") != "uniform":
-        raise ValueError(
-            f"config.diffusion.t_sampling={setting('t_sampling')!r} draws flow times; the "
-            "Gaussian process draws its integer steps uniformly. Set "
-            "--config.diffusion.process=flow, or --config.diffusion.t_sampling=uniform."
-        )
-    return diffusion_lib.create(
-        num_timesteps=config.diffusion.num_timesteps,
-        schedule=config.diffusion.schedule,
-        learn_sigma=config.learn_sigma,
-        loss=config.diffusion.loss,
-        prediction=setting("prediction"),
-        loss_weighting=setting("loss_weighting"),
-        min_snr_gamma=setting("min_snr_gamma"),
-    )
-
-
-def check_samplers(config: ml_collections.ConfigDict, diffusion: diffusion_lib.Process) -> None:
-    """Fails at start, not at the first sample grid, when a configured sampler cannot sample
-    `diffusion` (`config.sampling.sampler`, and `config.eval.sampler` when set).
-    """
-    fields = {"sampling.sampler": config.sampling.sampler}
-    eval_config = config.get("eval")
-    if eval_config is not None and eval_config.sampler:
-        fields["eval.sampler"] = eval_config.sampler
-    valid = diffusion_lib.samplers_for(diffusion)
-    for field, sampler in fields.items():
-        if sampler not in valid:
-            raise ValueError(
-                f"config.{field}={sampler!r} cannot sample config.diffusion.process="
-                f"{train_state.process_name(config)!r}; set --config.{field} to one of "
-                f"{valid}."
-            )
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """What a config builds for training: the model, its diffusion, optimizer, state and step."""
-
-    model: Any
-    diffusion: diffusion_lib.Process
-    tx: Any
-    mesh: jax.sharding.Mesh
-    state: train_state.TrainState
-    step_fn: Any  # jitted (state, batch) -> (state, metrics)
-
-
-def create_experiment(config: ml_collections.ConfigDict, mesh, model=None) -> Experiment:
-    """A freshly initialised experiment of `config` on `mesh` (`model` replaces the config's).
-
-    For training loops that feed their own batches (scripts/digits_sweep.py, the learning test);
-    `train_and_evaluate` adds the data pipeline, checkpoints and hooks around the same pieces.
-    """
-    model = train_state.build_model(config) if model is None else model
-    diffusion = create_diffusion(config)
-    tx = train_state.create_optimizer(config)
-    state, shardings = train_state.create_train_state(config, model, tx, mesh)
-    step_fn = train_step.make_train_step(config, model, diffusion, mesh, shardings)
-    return Experiment(model, diffusion, tx, mesh, state, step_fn)
-
-
 def create_data_iterator(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, start: int = 0
 ):
@@ -198,7 +80,7 @@ def create_data_iterator(
     global_batch_size = config.global_batch_size
     if mesh is not None:
         rows = data.process_rows(
-            mesh, global_batch_size, jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+            mesh, global_batch_size, jax.sharding.PartitionSpec(parallel.BATCH_AXES)
         )
     elif jax.process_count() == 1:
         rows = np.arange(global_batch_size)
@@ -265,10 +147,10 @@ def data_position(config: ml_collections.ConfigDict, examples: int) -> dict[str,
 
 
 def check_batch_fits(config: ml_collections.ConfigDict, mesh, checkpointer) -> None:
-    """`sharding.check_global_batch`, saying what to do when a checkpointed run is resumed on a
+    """`parallel.check_global_batch`, saying what to do when a checkpointed run is resumed on a
     device count that its global batch does not divide."""
     try:
-        sharding.check_global_batch(config.global_batch_size, mesh)
+        parallel.check_global_batch(config.global_batch_size, mesh)
     except ValueError as error:
         steps = checkpointer.all_steps()
         if not steps:
@@ -306,7 +188,7 @@ def global_batch(local: dict[str, np.ndarray], config, mesh) -> dict[str, jax.Ar
             )
     else:
         local = {k: v for k, v in local.items() if k != "label"}
-    return data.make_global_batch(local, mesh, jax.sharding.PartitionSpec(sharding.BATCH_AXES))
+    return data.make_global_batch(local, mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
 
 
 class _StopSignal:
@@ -324,17 +206,14 @@ class _StopSignal:
 
     def agreed(self) -> bool:
         """True on every process if any process was asked to stop."""
-        if jax.process_count() == 1:
-            return self.requested
-        flags = multihost_utils.process_allgather(np.asarray(self.requested))
-        return bool(np.any(flags))
+        return parallel.any_process(self.requested)
 
     def restore(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
+def train(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the final state."""
     workdir = check_workdir(workdir)
     if config.nonfinite not in NONFINITE_POLICIES:
@@ -342,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_POLICIES}: 'skip' "
             "drops a step with a NaN/Inf loss or gradient, 'stop' ends training there."
         )
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    experiment = experiment_lib.setup(config)
+    mesh = experiment.mesh
     checkpointer = checkpoint.Checkpointer(
         workdir,
         keep=config.keep_checkpoints,
@@ -351,19 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     )
     check_batch_fits(config, mesh, checkpointer)
     if jax.process_count() > 1:  # one process: the config summary names the devices
-        distributed.log_topology(mesh)
+        runtime.log_topology(mesh)
 
-    model = train_state.build_model(config)
-    diffusion = create_diffusion(config)
-    check_samplers(config, diffusion)
-    tx = train_state.create_optimizer(config)
-
-    abstract_state, state_shardings = train_state.abstract_train_state(config, model, tx, mesh)
     if checkpointer.latest_step() is not None:
-        state, start_step = checkpointer.restore(abstract_state)
+        state, start_step = checkpointer.restore(experiment.abstract_state)
         start_example = resume_position(config, checkpointer.data_position(start_step), start_step)
     else:
-        state, _ = train_state.create_train_state(config, model, tx, mesh)
+        state = experiment.init_state()
         start_step, start_example = 0, 0
     data_iterator = create_data_iterator(config, mesh, start_example)
     config_path = files.join(workdir, "config.json")
@@ -372,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     for line in summary.config_lines(
         config,
         num_params=sum(x.size for x in jax.tree.leaves(state.params)),
-        state_bytes_per_device=sharding.bytes_per_device(state),
+        state_bytes_per_device=parallel.bytes_per_device(state),
         mesh_shape=dict(mesh.shape),
         devices=describe_devices(mesh),
         start_step=start_step,
@@ -380,11 +254,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     ):
         logging.info("%s", line)
 
-    step_fn = train_step.make_train_step(config, model, diffusion, mesh, state_shardings)
-    writer = metrics.MetricWriter(workdir)
+    step_fn = experiment.train_step()
+    writer = metric_logging.MetricWriter(workdir)
     # Built before the first step, so that a missing VAE or Inception file fails at start.
-    decoder = sampling.latent_decoder(config) if config.sample_every_steps else None
-    fid_hook = fid_eval.InTrainingFID.from_config(config, model, diffusion, mesh)  # None: off
+    decoder = experiment_lib.latent_decoder(config) if config.sample_every_steps else None
+    quality_hook = hooks.SampleQualityHook.from_config(experiment)  # None: off
     lead = jax.process_index() == 0
     progress = console.Progress(
         config.num_train_steps,
@@ -393,12 +267,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         items_per_unit=config.global_batch_size,
         enabled=lead,
     )
-    throughput = metrics.Throughput(config.global_batch_size)
+    throughput = metric_logging.Throughput(config.global_batch_size)
     stop = _StopSignal()
     sample_fn = None
     window: list[dict[str, Any]] = []
     scalars: dict[str, float] = {}
-    grid: GridResult | None = None
+    grid: hooks.GridResult | None = None
 
     def last_good() -> str:
         """The newest complete checkpoint, after the in-flight write (if any) has ended."""
@@ -437,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
                 # Compile first, then wait for every process: on CPU the first cross-process
                 # (gloo) collective gives a late peer only 30 s, and compile times differ.
                 step_fn = step_fn.lower(state, batch).compile()
-                distributed.barrier(f"train_step_compiled_{step}")
+                runtime.barrier(f"train_step_compiled_{step}")
             state, step_metrics = step_fn(state, batch)
             step += 1
             window.append(step_metrics)
@@ -461,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
                 host_window = jax.device_get(window)
                 window = []
-                scalars = metrics.summarize(host_window)
+                scalars = metric_logging.summarize(host_window)
                 progress.report(step, loss=scalars["loss"])
                 if scalars["nonfinite"]:
                     first = step - len(host_window) + 1
@@ -474,23 +348,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             if config.sample_every_steps and (
                 step % config.sample_every_steps == 0 or step == config.num_train_steps
             ):
-                sample_fn = sample_fn or sampling.make_sample_fn(
-                    model,
-                    diffusion,
-                    mesh,
-                    sampler=config.sampling.sampler,
-                    steps=config.sampling.steps,
-                    cfg_scale=config.sampling.cfg_scale,
-                    clip_denoised=sampling.clip_denoised_for(config),
-                    decoder=decoder,
-                )
-                grid = write_sample_grid(
+                sample_fn = sample_fn or experiment.sample_fn(decoder)
+                grid = hooks.write_sample_grid(
                     config, workdir, step, sample_fn, state.ema_params, mesh, writer
                 )
                 if lead:
                     write_plots(workdir)
-            if fid_hook is not None and fid_hook.due(step):
-                writer.write(step, fid_hook(state.ema_params))
+            if quality_hook is not None and quality_hook.due(step):
+                writer.write(step, quality_hook(state.ema_params))
             stop_now = stop.agreed() or checkpointer.manager.reached_preemption(step)
             milestone = config.keep_every_steps and step % config.keep_every_steps == 0
             if (
@@ -604,52 +469,4 @@ def log_skipped_steps(step: int, window: list[dict[str, Any]], checkpointer) -> 
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class GridResult:
-    """A sample grid written at `step`; the digits get the classifier's accuracy on it."""
-
-    step: int
-    path: str
-    size: int
-    digits_accuracy: float | None = None
-
-
-def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) -> GridResult:
-    """EMA samples, one row per class for conditional models, as `samples/step_<N>.png`.
-
-    Class-conditional digits are scored by the digits classifier (the fraction classified as
-    the requested digit, metric `eval/grid_digits_accuracy`) on process 0.
-    """
-    sampling_config = config.sampling
-    if config.data.num_classes > 0:
-        labels = sampling.grid_labels(
-            config.data.num_classes, sampling_config.num_classes_in_grid, sampling_config.per_class
-        )
-        rows = len(labels) // sampling_config.per_class
-    else:
-        labels = np.zeros(sampling_config.num_unconditional, np.int32)
-        rows = int(np.sqrt(len(labels)))
-    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    images = metrics.to_uint8(sampling.draw(sample_fn, params, rng, labels, mesh))
-    grid = metrics.image_grid(images, rows)
-    path = files.join(workdir, "samples", f"step_{step:07d}.png")
-    accuracy = None
-    if jax.process_index() == 0:
-        metrics.save_png(path, grid)
-        writer.write_image(step, "ema_samples", grid)
-        files.write_atomically(
-            files.join(workdir, "samples", "latest.json"),
-            json.dumps({"step": step, "path": path, "labels": labels.tolist()}),
-        )
-        scored = ""
-        if config.data.name == data.EmbeddedDigits.name and config.data.num_classes > 0:
-            quality = evaluation.digits_quality(images, labels, data_dir=config.data.data_dir)
-            accuracy = float(quality["accuracy"])
-            writer.write(step, {"eval/grid_digits_accuracy": accuracy})
-            scored = f", {accuracy:.1%} of {len(labels)} classified as the requested digit"
-        if step < config.num_train_steps:  # the last grid is in the closing summary
-            logging.info("step %d: sample grid %s%s", step, summary.shown_path(path), scored)
-    return GridResult(step, path, len(labels), accuracy)
-
-
-__all__ = ["NonFiniteError", "train_and_evaluate"]
+__all__ = ["NonFiniteError", "train"]

@@ -1,4 +1,4 @@
-"""What a run records: JSONL metrics, TensorBoard events, throughput, PNG sample grids.
+"""What a run records: JSONL metrics, TensorBoard events and throughput.
 
 The console (progress lines, summaries) is `diffussm_jax.console` and `training.summary`; plots
 of the metrics are `training.plots`.
@@ -9,7 +9,6 @@ Every file goes through `diffussm_jax.files`, so the workdir may be a bucket (`g
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -17,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image
 
 from diffussm_jax import files
 
@@ -149,37 +147,3 @@ class Throughput:
             "steps_per_sec": steps / seconds,
             "images_per_sec": steps * self.global_batch_size / seconds,
         }
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Model range [-1, 1] -> uint8 [0, 255], rounding as ADM's sample files do."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(images: np.ndarray, rows: int, padding: int = 2, min_cell: int = 48) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(sH+p)+p, cols*(sW+p)+p, C) image, filled row by row.
-
-    Images smaller than `min_cell` pixels are enlarged by the integer factor s (nearest
-    neighbour) that makes them at least that big, so a grid of 16x16 digits is worth looking at.
-    """
-    scale = max(1, -(-min_cell // max(images.shape[1:3])))
-    images = np.repeat(np.repeat(np.asarray(images), scale, axis=1), scale, axis=2)
-    count, height, width, channels = images.shape
-    cols = -(-count // rows)
-    grid = np.zeros(
-        (rows * (height + padding) + padding, cols * (width + padding) + padding, channels),
-        np.uint8,
-    )
-    for index, image in enumerate(images):
-        r, c = divmod(index, cols)
-        top, left = padding + r * (height + padding), padding + c * (width + padding)
-        grid[top : top + height, left : left + width] = image
-    return grid
-
-
-def save_png(path: str, image: np.ndarray) -> None:
-    """(H, W, C) uint8 with C in {1, 3} -> PNG, written atomically (`files.write_atomically`)."""
-    image = image[..., 0] if image.shape[-1] == 1 else image
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    files.write_atomically(path, buffer.getvalue())

@@ -1,9 +1,15 @@
-"""In-training FID: score a small EMA sample every `config.eval.fid_every_steps` steps.
+"""What the training loop does besides training: EMA sample grids, and sample quality scores.
 
-    fid = fid_eval.InTrainingFID.from_config(config, model, diffusion, mesh)  # None when off
+Sample grids (`write_sample_grid`, every `config.sample_every_steps`): one row per class, saved
+as `samples/step_<N>.png` and to TensorBoard; the embedded digits are also scored by the digits
+classifier.
+
+Sample quality (`SampleQualityHook`, every `config.eval.fid_every_steps`):
+
+    quality = SampleQualityHook.from_config(experiment)       # None when off
     ...
-    if fid is not None and fid.due(step):
-        writer.write(step, fid(state.ema_params))
+    if quality is not None and quality.due(step):
+        writer.write(step, quality(state.ema_params))
 
 Each evaluation draws `config.eval.fid_num_samples` samples with the same labels (uniform, from
 `config.seed`) and the same noise every time, so the curve moves with the weights only, and
@@ -23,67 +29,108 @@ compare in-training values only with each other, at one N. Numbers for reports c
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from diffussm_jax import data, evaluation
+from diffussm_jax import data, evaluation, files, sampling
 from diffussm_jax.evaluation import inception as inception_lib
-from diffussm_jax.training import metrics, sampling
+from diffussm_jax.training import experiment as experiment_lib
+from diffussm_jax.training import summary
+
+
+@dataclasses.dataclass(frozen=True)
+class GridResult:
+    """A sample grid written at `step`; the digits get the classifier's accuracy on it."""
+
+    step: int
+    path: str
+    size: int
+    digits_accuracy: float | None = None
+
+
+def write_sample_grid(config, workdir, step, sample_fn, params, mesh, writer) -> GridResult:
+    """EMA samples, one row per class for conditional models, as `samples/step_<N>.png`.
+
+    Class-conditional digits are scored by the digits classifier (the fraction classified as
+    the requested digit, metric `eval/grid_digits_accuracy`) on process 0.
+    """
+    sampling_config = config.sampling
+    if config.data.num_classes > 0:
+        labels = sampling.grid_labels(
+            config.data.num_classes, sampling_config.num_classes_in_grid, sampling_config.per_class
+        )
+        rows = len(labels) // sampling_config.per_class
+    else:
+        labels = np.zeros(sampling_config.num_unconditional, np.int32)
+        rows = int(np.sqrt(len(labels)))
+    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+    images = evaluation.to_uint8(sampling.draw(sample_fn, params, rng, labels, mesh))
+    grid = sampling.image_grid(images, rows)
+    path = files.join(workdir, "samples", f"step_{step:07d}.png")
+    accuracy = None
+    if jax.process_index() == 0:
+        sampling.save_png(path, grid)
+        writer.write_image(step, "ema_samples", grid)
+        files.write_atomically(
+            files.join(workdir, "samples", "latest.json"),
+            json.dumps({"step": step, "path": path, "labels": labels.tolist()}),
+        )
+        scored = ""
+        if config.data.name == data.EmbeddedDigits.name and config.data.num_classes > 0:
+            quality = evaluation.digits_quality(images, labels, data_dir=config.data.data_dir)
+            accuracy = float(quality["accuracy"])
+            writer.write(step, {"eval/grid_digits_accuracy": accuracy})
+            scored = f", {accuracy:.1%} of {len(labels)} classified as the requested digit"
+        if step < config.num_train_steps:  # the last grid is in the closing summary
+            logging.info("step %d: sample grid %s%s", step, summary.shown_path(path), scored)
+    return GridResult(step, path, len(labels), accuracy)
+
 
 # Offsets from config.seed: the sample noise differs from the training and grid streams.
 _NOISE_SEED_OFFSET = 2
 
 
-class InTrainingFID:
-    """Draws and scores a fixed-seed sample; call with EMA params, get {"eval/...": float}."""
+class SampleQualityHook:
+    """Draws and scores a fixed-seed sample; call with EMA params, get {"eval/...": float}.
 
-    def __init__(
-        self,
-        config: ml_collections.ConfigDict,
-        model,
-        diffusion,
-        mesh: jax.sharding.Mesh,
-        *,
-        scorer: str,
-    ):
+    Scores with Inception (FID, sFID, IS) or, for the embedded digits, the digits classifier.
+    """
+
+    def __init__(self, experiment: experiment_lib.Experiment, *, scorer: str):
         """Use `from_config`; `scorer` is "inception" or "digits"."""
+        config = experiment.config
         eval_config = config.eval
         self.every_steps = int(eval_config.fid_every_steps)
         self.num_samples = int(eval_config.fid_num_samples)
         if self.num_samples < 2:
             raise ValueError(f"config.eval.fid_num_samples={self.num_samples}: need at least 2.")
-        devices = mesh.devices.size
-        batch_size = eval_config.batch_size or config.global_batch_size
-        self.batch_size = -(-batch_size // devices) * devices
-        self.mesh = mesh
         self.labels = evaluation.draw_labels(
             self.num_samples, config.data.num_classes, config.seed, "uniform"
         )
-        self.key = jax.random.key(config.seed + _NOISE_SEED_OFFSET)
-        self.sample_fn = sampling.make_sample_fn(
-            model,
-            diffusion,
-            mesh,
-            sampler=eval_config.sampler or config.sampling.sampler,
-            steps=eval_config.steps or config.sampling.steps,
-            cfg_scale=(
-                config.sampling.cfg_scale
-                if eval_config.cfg_scale is None
-                else eval_config.cfg_scale
-            ),
-            clip_denoised=sampling.clip_denoised_for(config),
-            decoder=sampling.latent_decoder(config),  # latent models: images via the VAE
+        sample_fn = experiment.sample_fn(
+            decoder=experiment_lib.latent_decoder(config),  # latent models: images via the VAE
+            sampler=eval_config.sampler,
+            steps=eval_config.steps,
+            cfg_scale=eval_config.cfg_scale,
+        )
+        self.draws = sampling.BatchedDraw(
+            sample_fn,
+            experiment.mesh,
+            self.labels,
+            batch_size=eval_config.batch_size or config.global_batch_size,
+            key=jax.random.key(config.seed + _NOISE_SEED_OFFSET),
         )
         self.scorer = scorer
         if scorer == "inception":
             # The preprocessing of ADM's TF graph, as launch.evaluate uses.
             self.extractor = inception_lib.InceptionFeatures.from_file(
                 eval_config.inception_path,
-                batch_size=min(self.batch_size, 200),
+                batch_size=min(self.draws.batch_size, 200),
                 preprocessing="tf_graph",
             )
             reference = evaluation.load_reference_batch(
@@ -101,15 +148,14 @@ class InTrainingFID:
             raise ValueError(f"Unknown scorer {scorer!r}.")
 
     @classmethod
-    def from_config(
-        cls, config: ml_collections.ConfigDict, model, diffusion, mesh
-    ) -> InTrainingFID | None:
+    def from_config(cls, experiment: experiment_lib.Experiment) -> SampleQualityHook | None:
         """The hook `config.eval` asks for, or None when `fid_every_steps` is 0 (or unset).
 
         Raises:
           ValueError: in-training FID is on but nothing can score the samples (only one of the
             Inception and reference paths set, or neither for a dataset other than the digits).
         """
+        config = experiment.config
         eval_config = config.get("eval")
         if eval_config is None or not eval_config.fid_every_steps:
             return None
@@ -130,22 +176,14 @@ class InTrainingFID:
                 "launch/convert_inception.py) and config.eval.reference_path (an ADM reference "
                 "batch), or set config.eval.fid_every_steps=0."
             )
-        return cls(config, model, diffusion, mesh, scorer=scorer)
+        return cls(experiment, scorer=scorer)
 
     def due(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
 
     def sample(self, params) -> np.ndarray:
         """(num_samples, H, W, C) uint8 samples of `params`, the same noise at every call."""
-        chunks = []
-        for start in range(0, self.num_samples, self.batch_size):
-            labels = self.labels[start : start + self.batch_size]
-            padded = np.resize(labels, self.batch_size)  # one compiled batch size
-            images = sampling.draw(
-                self.sample_fn, params, jax.random.fold_in(self.key, start), padded, self.mesh
-            )
-            chunks.append(metrics.to_uint8(images[: len(labels)]))
-        return np.concatenate(chunks)
+        return self.draws.all(params)
 
     def __call__(self, params) -> dict[str, float]:
         """Samples with `params` (the EMA weights) and scores them; {} on processes other than 0."""
@@ -174,7 +212,7 @@ class InTrainingFID:
             }
         result["eval/seconds"] = time.perf_counter() - begin
         logging.info(
-            "in-training FID (%d samples): %s",
+            "sample quality (%d samples): %s",
             self.num_samples,
             ", ".join(f"{k}={v:.4g}" for k, v in result.items()),
         )

@@ -27,6 +27,7 @@ import socket
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -205,3 +206,18 @@ def log_topology(mesh: jax.sharding.Mesh | None = None) -> dict[str, object]:
     info = topology(mesh)
     logging.info("Topology: %s", ", ".join(f"{k}={v}" for k, v in info.items()))
     return info
+
+
+def agree_with_first(flag: bool) -> bool:
+    """Process 0's value of `flag`, on every process (e.g. whether a file exists: its view of a
+    shared filesystem decides, so that all processes take the same branch)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (e.g. one of them received SIGTERM)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
