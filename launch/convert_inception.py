@@ -1,4 +1,4 @@
-"""Convert pytorch-fid's FID Inception-V3 weights to a file `evaluation.inception` loads.
+"""Convert pytorch-fid's FID Inception-V3 weights to a file `evaluation.inception.weights` loads.
 
 python -m launch.convert_inception \
     --input=pt_inception-2015-12-05-6726825d.pth --output=inception_fid.npz

@@ -18,7 +18,8 @@ from scipy import linalg, stats
 
 from configs import quickstart
 from diffussm_jax import data, inference, training
-from diffussm_jax.evaluation import digits, inception, metrics
+from diffussm_jax.evaluation import adm_io, digits, inception, metrics
+from diffussm_jax.evaluation.inception import features as inception_features
 from diffussm_jax.inference import evaluate as run_evaluation
 from diffussm_jax.sampling import batched
 from diffussm_jax.training import hooks
@@ -247,15 +248,15 @@ def test_reference_batch_loading(tmp_path):
     images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
     full = tmp_path / "full.npz"
     np.savez(full, mu=mu, sigma=sigma, mu_s=mu[:2], sigma_s=np.eye(2), arr_0=images)
-    batch = metrics.load_reference_batch(full)
+    batch = adm_io.load_reference_batch(full)
     np.testing.assert_array_equal(batch.pool_statistics[0], mu)
     np.testing.assert_array_equal(batch.spatial_statistics[1], np.eye(2))
     np.testing.assert_array_equal(batch.images, images)
-    assert metrics.load_reference_batch(full, load_images=False).images is None
+    assert adm_io.load_reference_batch(full, load_images=False).images is None
 
     samples_only = tmp_path / "samples.npz"
-    metrics.save_sample_batch(samples_only, images, labels=np.arange(5))
-    batch = metrics.load_reference_batch(samples_only)
+    adm_io.save_sample_batch(samples_only, images, labels=np.arange(5))
+    batch = adm_io.load_reference_batch(samples_only)
     assert batch.pool_statistics is None and batch.spatial_statistics is None
     np.testing.assert_array_equal(batch.images, images)
     np.testing.assert_array_equal(np.load(samples_only)["arr_1"], np.arange(5))
@@ -263,11 +264,11 @@ def test_reference_batch_loading(tmp_path):
     empty = tmp_path / "empty.npz"
     np.savez(empty, other=np.zeros(3))
     with pytest.raises(ValueError, match="neither"):
-        metrics.load_reference_batch(empty)
+        adm_io.load_reference_batch(empty)
     float_images = tmp_path / "float.npz"
     np.savez(float_images, arr_0=images.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        metrics.load_reference_batch(float_images)
+        adm_io.load_reference_batch(float_images)
 
 
 @pytest.mark.parametrize("key", ["arr_0", "mu"])
@@ -278,18 +279,18 @@ def test_reference_batch_rejects_pickled_arrays(tmp_path, key):
     path = tmp_path / "reference.npz"
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="refusing to unpickle"):
-        metrics.load_reference_batch(path)
+        adm_io.load_reference_batch(path)
 
 
 def test_to_uint8_rounds_like_dit_and_inverts_the_data_pipeline():
     pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
     # The pipeline's float32 map back to uint8 is exact.
-    np.testing.assert_array_equal(metrics.to_uint8(data.to_model_range(pixels)), pixels)
+    np.testing.assert_array_equal(adm_io.to_uint8(data.to_model_range(pixels)), pixels)
     values = np.array([-1.5, -1.0, 0.0, 1.0, 2.0, 1 / 255.0 - 1.0 + 1e-9])
     # 0 -> 127.5 rounds up to 128; out-of-range values clip; 0.5/127.5 - 1 rounds half up to 1.
-    np.testing.assert_array_equal(metrics.to_uint8(values), [0, 0, 128, 255, 255, 1])
+    np.testing.assert_array_equal(adm_io.to_uint8(values), [0, 0, 128, 255, 255, 1])
     with pytest.raises(ValueError, match="non-finite"):
-        metrics.to_uint8(np.array([np.nan]))
+        adm_io.to_uint8(np.array([np.nan]))
 
 
 def test_adm_metrics_combines_and_prefers_stored_statistics(tmp_path):
@@ -327,7 +328,7 @@ def test_adm_metrics_combines_and_prefers_stored_statistics(tmp_path):
         sample_spatial=sample_spatial,
         sample_predictions=predictions,
         reference_pool=reference_pool,
-        reference_batch=metrics.load_reference_batch(path),
+        reference_batch=adm_io.load_reference_batch(path),
     )
     assert stored["fid"] == pytest.approx(metrics.fid(sample_pool, other_pool), rel=1e-12)
     assert stored["sfid"] == pytest.approx(metrics.sfid(sample_spatial, other_spatial), rel=1e-12)
@@ -406,7 +407,7 @@ def test_digits_quality_separates_real_noise_and_wrong_labels(evaluator):
     assert real["per_class_accuracy"].shape == (10,) and real["per_class_accuracy"].min() > 0.7
     assert real["frechet_distance"] == pytest.approx(real["held_out_frechet_distance"])
     # uint8 input scores the same as its float image.
-    as_uint8 = evaluator.quality(metrics.to_uint8(images), labels)
+    as_uint8 = evaluator.quality(adm_io.to_uint8(images), labels)
     assert as_uint8["frechet_distance"] == pytest.approx(real["frechet_distance"], rel=1e-6)
 
     noise = np.random.default_rng(14).uniform(-1, 1, images.shape)
@@ -426,12 +427,12 @@ def test_digits_quality_separates_real_noise_and_wrong_labels(evaluator):
 
 def test_low_resolution_digits_are_scored_against_real_digits_at_their_size(evaluator):
     images, labels = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
-    small = digits.downsample_digits(metrics.to_uint8(images), 16)
+    small = digits.downsample_digits(adm_io.to_uint8(images), 16)
     assert small.shape == (500, 16, 16, 1) and small.dtype == np.uint8
     # The pipeline's 32 -> 16 crop is a 2x2 BOX mean (PIL's fixed-point rounding: within 1 level).
     np.testing.assert_allclose(
         small[..., 0].astype(float),
-        metrics.to_uint8(images)[..., 0].reshape(500, 16, 2, 16, 2).astype(float).mean((2, 4)),
+        adm_io.to_uint8(images)[..., 0].reshape(500, 16, 2, 16, 2).astype(float).mean((2, 4)),
         atol=1.0,
     )
     real16 = evaluator.quality(small, labels)
@@ -479,37 +480,37 @@ def test_classifier_training_is_deterministic():
 
 
 def test_draw_labels_uniform_seeded_balanced_and_unconditional():
-    first = metrics.draw_labels(100_000, 10, seed=3, mode="uniform")
-    np.testing.assert_array_equal(first, metrics.draw_labels(100_000, 10, seed=3, mode="uniform"))
-    assert not np.array_equal(first, metrics.draw_labels(100_000, 10, seed=4, mode="uniform"))
+    first = adm_io.draw_labels(100_000, 10, seed=3, mode="uniform")
+    np.testing.assert_array_equal(first, adm_io.draw_labels(100_000, 10, seed=3, mode="uniform"))
+    assert not np.array_equal(first, adm_io.draw_labels(100_000, 10, seed=4, mode="uniform"))
     # Uniform over the classes: chi-square test at the 0.1% level (9 degrees of freedom).
     counts = np.bincount(first, minlength=10)
     assert stats.chisquare(counts).pvalue > 1e-3 and first.min() == 0 and first.max() == 9
     np.testing.assert_array_equal(
-        metrics.draw_labels(12, 5, seed=0, mode="balanced"), [0, 1, 2, 3, 4] * 2 + [0, 1]
+        adm_io.draw_labels(12, 5, seed=0, mode="balanced"), [0, 1, 2, 3, 4] * 2 + [0, 1]
     )
-    np.testing.assert_array_equal(metrics.draw_labels(4, 0, seed=0, mode="uniform"), np.zeros(4))
+    np.testing.assert_array_equal(adm_io.draw_labels(4, 0, seed=0, mode="uniform"), np.zeros(4))
     with pytest.raises(ValueError, match="balanced"):
-        metrics.draw_labels(4, 10, seed=0, mode="cycle")
+        adm_io.draw_labels(4, 10, seed=0, mode="cycle")
 
 
 def test_streamed_sample_file_equals_savez(tmp_path):
     images = np.random.default_rng(16).integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)
     labels = np.arange(7)
     streamed, direct = tmp_path / "streamed.npz", tmp_path / "direct.npz"
-    metrics.save_sample_batch_streamed(streamed, [images[:3], images[3:]], images.shape, labels)
-    metrics.save_sample_batch(direct, images, labels)
+    adm_io.save_sample_batch_streamed(streamed, [images[:3], images[3:]], images.shape, labels)
+    adm_io.save_sample_batch(direct, images, labels)
     # The .npy members are byte-identical to np.savez's (ADM's streaming reader parses them).
     with zipfile.ZipFile(streamed) as a, zipfile.ZipFile(direct) as b:
         assert a.read("arr_0.npy") == b.read("arr_0.npy")
         assert a.read("arr_1.npy") == b.read("arr_1.npy")
-    np.testing.assert_array_equal(metrics.load_reference_batch(streamed).images, images)
+    np.testing.assert_array_equal(adm_io.load_reference_batch(streamed).images, images)
     with pytest.raises(ValueError, match="expected 8"):
-        metrics.save_sample_batch_streamed(streamed, [images], (8, 4, 5, 3))
+        adm_io.save_sample_batch_streamed(streamed, [images], (8, 4, 5, 3))
     with pytest.raises(ValueError, match="does not fit"):
-        metrics.save_sample_batch_streamed(streamed, [images[..., :1]], images.shape)
+        adm_io.save_sample_batch_streamed(streamed, [images[..., :1]], images.shape)
     # A failed write leaves the previous file intact.
-    np.testing.assert_array_equal(metrics.load_reference_batch(streamed).images, images)
+    np.testing.assert_array_equal(adm_io.load_reference_batch(streamed).images, images)
 
 
 def test_preview_grid_puts_each_balanced_class_in_its_own_column(tmp_path):
@@ -571,7 +572,7 @@ def test_evaluate_writes_adm_file_and_digit_scores(straight_evaluation):
     images, labels = _load_samples(result["samples"])
     side = _smoke_config().data.image_size
     assert images.dtype == np.uint8 and images.shape == (20, side, side, 1)
-    np.testing.assert_array_equal(labels, metrics.draw_labels(20, 10, seed=5, mode="uniform"))
+    np.testing.assert_array_equal(labels, adm_io.draw_labels(20, 10, seed=5, mode="uniform"))
     name = os.path.basename(result["samples"])
     # The name records model, step, N x shape, sampler + steps, cfg and seed.
     assert name == f"samples_DiffuSSM-S_step2_20x{side}x{side}x1_dpm++2m2_cfg3_seed5.npz"
@@ -681,12 +682,12 @@ def test_evaluate_with_inception_and_reference(
     The network runs at 75 px (the smallest input it takes) instead of 299 to save CPU time;
     test_inception.py checks the 299 px network against pytorch-fid's.
     """
-    monkeypatch.setattr(inception, "INPUT_SIZE", 75)
+    monkeypatch.setattr(inception_features, "INPUT_SIZE", 75)
     weights = tmp_path / "inception.npz"
     _random_inception_file(weights)
     # A reference batch of 10 real digits (as ADM's: images plus pool/spatial statistics).
     real, _ = digits.load_digits(data.CLASSIFIER_TEST_SPLIT)
-    reference_images = metrics.to_uint8(real[:10])
+    reference_images = adm_io.to_uint8(real[:10])
     # Batches of 8 like evaluate's (its shards hold 8 images): one compilation for both.
     extractor = inception.InceptionFeatures.from_file(
         weights, batch_size=8, preprocessing="tf_graph"

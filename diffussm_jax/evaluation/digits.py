@@ -46,7 +46,7 @@ from absl import logging
 from flax import traverse_util
 
 from diffussm_jax import data, files
-from diffussm_jax.evaluation import metrics
+from diffussm_jax.evaluation import adm_io, metrics
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (32, 32, 1)
@@ -300,7 +300,7 @@ class DigitsEvaluator:
         if size not in self._statistics:
             images, _ = load_digits(data.CLASSIFIER_TRAIN_SPLIT, self._data_dir)
             if size != IMAGE_SHAPE[0]:
-                images = _to_model_range(downsample_digits(metrics.to_uint8(images), size))
+                images = _to_model_range(downsample_digits(adm_io.to_uint8(images), size))
             self._statistics[size] = metrics.feature_statistics(classify(self.params, images)[1])
         return self._statistics[size]
 
@@ -309,7 +309,7 @@ class DigitsEvaluator:
 
         Args:
           images: (N, S, S, 1) uint8 pixels, or float in [-1, 1], S = 32, 16 or 8. Floats are
-            first quantised with `metrics.to_uint8`, so in-memory samples score exactly like
+            first quantised with `adm_io.to_uint8`, so in-memory samples score exactly like
             saved ones; S < 32 is upsampled to 32 (module doc).
           requested_labels: (N,) int classes the samples were generated for.
 
@@ -349,7 +349,7 @@ class DigitsEvaluator:
         if size not in self._held_out:
             images, labels = load_digits(data.CLASSIFIER_TEST_SPLIT, self._data_dir)
             if size != IMAGE_SHAPE[0]:
-                images = downsample_digits(metrics.to_uint8(images), size)
+                images = downsample_digits(adm_io.to_uint8(images), size)
             self._held_out[size] = self._score(_to_model_range(images), labels, size)
         return dict(self._held_out[size])
 
@@ -407,7 +407,7 @@ def _to_model_range(images: np.ndarray) -> np.ndarray:
     if images.dtype != np.uint8:
         if not np.issubdtype(images.dtype, np.floating):
             raise ValueError(f"Expected uint8 or float images, got {images.dtype}.")
-        images = metrics.to_uint8(images)
+        images = adm_io.to_uint8(images)
     images = data.to_model_range(images)
     if side != IMAGE_SHAPE[0]:
         images = np.asarray(

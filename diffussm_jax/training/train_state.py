@@ -184,7 +184,7 @@ def abstract_train_state(config, model, tx, mesh) -> tuple[TrainState, Any]:
 def abstract_params(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh) -> Any:
     """ShapeDtypeStructs (with shardings) of the parameters alone: what inference restores (the
     EMA copy), without building an optimizer. Sharded as `abstract_train_state` shards them."""
-    boxed = jax.eval_shape(init_variables, model, jax.random.key(config.seed))
+    boxed = jax.eval_shape(functools.partial(init_variables, model), jax.random.key(config.seed))
     shardings = parallel.state_shardings(boxed, mesh, min_size=config.mesh.fsdp_min_size)
     return jax.tree.map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
