@@ -10,7 +10,7 @@ from absl import logging as absl_logging
 
 from configs import quickstart
 from diffussm_jax import console
-from diffussm_jax.inference import evaluate as run_evaluation
+from diffussm_jax.inference import score as run_evaluation
 from diffussm_jax.training import plots, summary
 
 OURS = os.path.join(console.OWN_DIRECTORIES[0], "training", "loop.py")

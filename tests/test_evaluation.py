@@ -20,7 +20,7 @@ from configs import quickstart
 from diffussm_jax import data, inference, training
 from diffussm_jax.evaluation import adm_io, digits, inception, metrics
 from diffussm_jax.evaluation.inception import features as inception_features
-from diffussm_jax.inference import evaluate as run_evaluation
+from diffussm_jax.inference import score as run_evaluation
 from diffussm_jax.sampling import batched
 from diffussm_jax.training import hooks
 

@@ -87,7 +87,7 @@ def test_notebook_runs_top_to_bottom_at_smoke_size(tmp_path, monkeypatch):
         nbformat.write(notebook, tmp_path / "executed.ipynb")  # for a look after a failure
 
     sources = [cell.source for cell in notebook.cells]
-    table_cell = next(i for i, s in enumerate(sources) if "create_experiment(config, mesh)" in s)
+    table_cell = next(i for i, s in enumerate(sources) if "training.setup(config)" in s)
     text, _ = outputs_of(notebook.cells[table_cell])
     assert "blocks" in text and "total" in text
     train_cell = next(i for i, s in enumerate(sources) if s.startswith("def train("))

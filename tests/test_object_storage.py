@@ -25,7 +25,7 @@ from configs import quickstart
 from diffussm_jax import data, files, inference, training, vae
 from diffussm_jax.data import latents
 from diffussm_jax.evaluation import digits
-from diffussm_jax.inference import evaluate as run_evaluation
+from diffussm_jax.inference import score as run_evaluation
 from diffussm_jax.training import checkpoint, metric_logging, plots
 
 

@@ -3,7 +3,7 @@
 Each step directory holds three items: `state` (the sharded TrainState, written cooperatively by
 all processes), `data_position` (JSON: how many examples of the global example stream the run
 has consumed; one number for the whole job, so a run resumes on any number of processes and
-devices, see `trainer.create_data_iterator`) and `config` (JSON). Saving is asynchronous.
+devices, see `loop.create_data_iterator`) and `config` (JSON). Saving is asynchronous.
 
 Which steps are kept: the newest `keep` steps (rolling), plus every step that is a multiple of
 `keep_every_steps` (milestones, never deleted; the trainer saves at those steps).
