@@ -40,8 +40,8 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> di
     global_batch = per_device_batch * devices
     config = imagenet256.get_config(f"model={model},batch={global_batch}", resolution=resolution)
     config.mesh.data, config.mesh.fsdp = data, fsdp
-    config.remat = remat
-    config.model_overrides.depth = depth
+    config.model.remat = remat
+    config.model.depth = depth
     mesh = sharding.create_mesh(data, fsdp, jax.devices()[:devices])
     net = train_state.build_model(config)
     tx = train_state.create_optimizer(config)

@@ -148,7 +148,7 @@ def sample_shards(
         side = config.data.image_size * decoder.model.config.downsample_factor
         image_shape = (side, side, decoder.model.config.out_channels)
     settings = SampleSettings(
-        model=config.model,
+        model=config.model_name,
         step=int(step),
         num_samples=num_samples,
         sampler=sampler or config.sampling.sampler,

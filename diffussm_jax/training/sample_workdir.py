@@ -22,7 +22,7 @@ from diffussm_jax.training import checkpoint, metrics, sampling, sharding, train
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (`<workdir>/config.json`)."""
+    """The config a run was trained with (`<workdir>/config.json`), in the current layout."""
     checkpoint.check_location(workdir)  # before any read: s3:// never holds a run's checkpoints
     path = files.join(workdir, "config.json")
     if not files.exists(path):
@@ -30,9 +30,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: --workdir must be a directory written by launch.train."
         )
     with files.open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    config.lock()
-    return config
+        return train_state.upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
 
 
 def restore_ema_params(
@@ -128,7 +126,7 @@ def sample_to_npz(
     paths: dict[str, Any] = {"npz": output, "png": os.path.splitext(output)[0] + ".png"}
     if jax.process_index() == 0:
         meta = dict(
-            model=config.model,
+            model=config.model_name,
             step=step,
             process=train_state.process_name(config),
             sampler=sampler,
