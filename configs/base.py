@@ -4,7 +4,14 @@ Every field a launcher or the library reads lives here, so that after `lock()` a
 field that does not exist (a typo) is an error rather than a silent new field.
 """
 
+import dataclasses
+import types
+import typing
+from typing import Any
+
 import ml_collections
+
+from diffussm_jax import models
 
 
 def optional(kind: type, default=None) -> ml_collections.FieldReference:
@@ -12,50 +19,99 @@ def optional(kind: type, default=None) -> ml_collections.FieldReference:
     return ml_collections.FieldReference(default, field_type=kind)
 
 
-# Model constructor fields that configs and the command line may override, with their types.
-# Unset (None) = the registry's value for the named model (see diffussm_jax.models).
-MODEL_OVERRIDE_FIELDS = {
-    "hidden_size": int,
-    "depth": int,
-    "hourglass_ratio": int,
-    "state_size": int,
-    "ssm_init": str,
-    "dt_min": float,
-    "dt_max": float,
-    "activation": str,
-    "num_heads": int,
-    "class_dropout_prob": float,
-    "label_init_std": float,
-    "timestep_init_std": float,
-    "pos_embed": str,
-    "ssm_backend": str,
-}
+# Constructor fields that `config.model` does not hold: build_model (diffussm_jax.training.
+# train_state) derives them from the data (input_size, in_channels, num_classes), the diffusion
+# process (timestep_scale) and the precision policy (the dtypes).
+DERIVED_MODEL_FIELDS = frozenset(
+    {
+        "input_size",
+        "in_channels",
+        "num_classes",
+        "timestep_scale",
+        "dtype",
+        "param_dtype",
+        "residual_dtype",
+        "ssm_dtype",
+    }
+)
 
 
-# Fields that moved: an override of the old name fails with a message naming the new one.
-MOVED_FIELDS = {
-    "dtype": "precision.compute",
-}
+def model_block() -> ml_collections.ConfigDict:
+    """`config.model`: every constructor field of the registry's model classes but the derived
+    ones, unset (None: the registry's value for `config.model_name`) and typed from the class's
+    annotations, so `--config.model.depth=2` parses and `--config.model.dpeth=2` is an error.
+
+    A field holding a dataclass of settings (DiffuSSM's `ssm: SSMSettings`) becomes a nested
+    block of its fields: `--config.model.ssm.state_size=16`. The block is the union over the
+    classes; `models.create` rejects a set field that the chosen class lacks (num_heads for a
+    DiffuSSM).
+    """
+    block, hints_seen = {}, {}
+    for cls in dict.fromkeys(models.model_class(name) for name in models.names()):
+        hints = typing.get_type_hints(cls)
+        for name in models.constructor_fields(cls):
+            if name in DERIVED_MODEL_FIELDS:
+                continue
+            if hints_seen.setdefault(name, hints[name]) != hints[name]:
+                raise TypeError(
+                    f"{cls.__name__}.{name} is {hints[name]} but another model's {name} is "
+                    f"{hints_seen[name]}: one config field cannot take both."
+                )
+            block[name] = _placeholder(f"{cls.__name__}.{name}", hints[name])
+    return ml_collections.ConfigDict(block)
+
+
+def _placeholder(
+    owner: str, hint: Any
+) -> ml_collections.FieldReference | ml_collections.ConfigDict:
+    """An unset config field for a constructor field annotated `hint`; a block for a dataclass."""
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        fields = dataclasses.fields(hint)
+        return ml_collections.ConfigDict(
+            {f.name: _placeholder(f"{owner}.{f.name}", hints[f.name]) for f in fields}
+        )
+    return optional(_kind(owner, hint))
+
+
+def _kind(owner: str, hint: Any) -> type:
+    """The one type a command line gives a field annotated `hint`: int for int, str for
+    Literal["lin", "inv"], str for `bool | str` (remat: the model parses "true" or "full")."""
+    if hint in (bool, int, float, str):
+        return hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal and len({type(arg) for arg in args}) == 1:
+        return type(args[0])
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kinds = [arg for arg in args if arg is not type(None)]
+        if str in kinds:
+            return str
+        if len(kinds) == 1:
+            return _kind(owner, kinds[0])
+    raise TypeError(
+        f"{owner}: a config field cannot hold {hint}; give the constructor field a plain type "
+        "(bool, int, float, str, a Literal or a settings dataclass) or list it in "
+        "DERIVED_MODEL_FIELDS."
+    )
 
 
 def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    # Model: a registry name plus overrides of single constructor fields.
-    config.model = "DiffuSSM-XL"
-    config.model_overrides = ml_collections.ConfigDict(
-        {name: optional(kind) for name, kind in MODEL_OVERRIDE_FIELDS.items()}
-    )
-    config.learn_sigma = True
+    # Model: a registry name, and the constructor fields this run sets (see `model_block`).
+    config.model_name = "DiffuSSM-XL"
+    config.model = model_block()
+    config.model.learn_sigma = True
+    # Backward-pass recomputation: none | full | save_matmuls | ssm_only (models.layers).
+    config.model.remat = "none"
+    config.model.scan_layers = True
     # Which dtype holds what (diffussm_jax.models.precision): stored parameters (and so the
     # optimizer state), matmul inputs and activations, the residual stream, the SSM's FFTs.
+    # A policy of the run rather than a model field: it sets four dtype fields of either model.
     config.precision = ml_collections.ConfigDict(
         dict(params="float32", compute="bfloat16", residual="float32", ssm="float32")
     )
-    # Backward-pass recomputation: none | full | save_matmuls | ssm_only (models.layers).
-    config.remat = "none"
-    config.scan_layers = True
 
     # Data (a tfds array_record dataset read by grain; see diffussm_jax.data).
     config.data = ml_collections.ConfigDict()
@@ -80,7 +136,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Diffusion (spec section 5). The defaults are the paper's recipe; docs/objectives.md
     # describes the alternatives.
     config.diffusion = ml_collections.ConfigDict()
-    config.diffusion.process = "gaussian"  # or "flow" (linear interpolant, needs learn_sigma=False)
+    config.diffusion.process = (
+        "gaussian"  # or "flow" (linear interpolant, needs model.learn_sigma=False)
+    )
     config.diffusion.num_timesteps = 1000  # gaussian
     config.diffusion.schedule = "linear"  # gaussian
     config.diffusion.loss = "hybrid"  # "hybrid" or "mse"; flow: "mse"
@@ -146,6 +204,37 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.inception_path = optional(str)  # converted weights (launch/convert_inception.py)
     config.eval.reference_path = optional(str)  # ADM reference batch with mu/sigma
     return config
+
+
+def apply_smoke(
+    config: ml_collections.ConfigDict, *, global_batch_size: int = 8, classes_in_grid: int = 4
+) -> None:
+    """`:smoke` of every experiment: shrinks `config` in place to a tiny model (width 32, depth
+    2, float32) and 20 steps, a seconds-per-step CPU check of the whole pipeline.
+
+    Experiments differ in `global_batch_size` and in the classes of the sample grid
+    (`classes_in_grid`); the rest is the same everywhere.
+    """
+    config.precision.compute = "float32"
+    config.model.remat = "none"
+    config.model.scan_layers = True  # the layout of accelerator runs, which the tests check
+    config.model.hidden_size = 32
+    config.model.depth = 2
+    if "num_heads" in models.constructor_fields(models.model_class(config.model_name)):
+        config.model.num_heads = 4
+    else:
+        config.model.ssm.state_size = 8
+    config.global_batch_size = global_batch_size
+    config.num_train_steps = 20
+    config.warmup_steps = 0
+    config.log_every_steps = 10
+    config.checkpoint_every_steps = 10
+    config.sample_every_steps = 20
+    config.sampling.sampler = "dpm++2m"
+    config.sampling.steps = 5
+    config.sampling.per_class = 1
+    config.sampling.num_classes_in_grid = classes_in_grid
+    config.sampling.num_unconditional = 4
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

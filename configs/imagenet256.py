@@ -15,8 +15,10 @@ means of each center-cropped image and of its mirror (two records per image, so
 `data.random_flip` stays False) and `label`. `vae.path` (default weights/sd-vae-ft-ema,
 relative to the working directory) decodes the sample grids.
 
-`:smoke` is a tiny model (width 32, depth 2, float32, batch 8, 20 steps) for checking the
-pipeline on a few extracted images (e.g. `launch.extract_latents ... --max_images=64`).
+`:smoke` is a tiny model (`base.apply_smoke`: width 32, depth 2, float32, batch 8, 20 steps)
+for checking the pipeline on a few extracted images (e.g. `launch.extract_latents ...
+--max_images=64`). Single model fields are set with `--config.model.FIELD=VALUE`, e.g.
+`--config.model.ssm.backend=chunked` (configs/base.py, `model_block`).
 Not yet run at full size: no time or result measured.
 """
 
@@ -25,34 +27,13 @@ from configs import base
 VAE_PATH = "weights/sd-vae-ft-ema"
 
 
-def apply_smoke(config) -> None:
-    """Shrinks a latent config to a seconds-per-step CPU check of the whole pipeline."""
-    config.precision.compute = "float32"
-    config.remat = "none"
-    config.model_overrides.hidden_size = 32
-    config.model_overrides.depth = 2
-    config.model_overrides.state_size = 8
-    if config.model.startswith("DiT"):
-        config.model_overrides.num_heads = 4
-    config.global_batch_size = 8
-    config.num_train_steps = 20
-    config.log_every_steps = 10
-    config.checkpoint_every_steps = 10
-    config.sample_every_steps = 20
-    config.sampling.sampler = "dpm++2m"
-    config.sampling.steps = 5
-    config.sampling.per_class = 1
-    config.sampling.num_classes_in_grid = 4
-    config.sampling.num_unconditional = 4
-
-
 def get_config(arg: str | None = None, resolution: int = 256, num_train_steps: int = 2_600_000):
     """num_train_steps default: 660M images at batch 256 (the paper's 256px budget)."""
     args = base.parse_arg(arg, model="DiffuSSM-XL", batch=256, smoke=False)
     config = base.get_base_config()
-    config.model = args.model
+    config.model_name = args.model
     config.precision.compute = "bfloat16"
-    config.remat = "full"
+    config.model.remat = "full"
     config.data.name = f"imagenet2012_latents_{resolution}"
     config.data.image_key = "latent"
     config.data.image_size = resolution // 8
@@ -70,6 +51,6 @@ def get_config(arg: str | None = None, resolution: int = 256, num_train_steps: i
     config.sampling.steps = 250
     config.sampling.cfg_scale = 1.5
     if args.smoke:
-        apply_smoke(config)
+        base.apply_smoke(config)
     config.lock()
     return config

@@ -9,8 +9,8 @@ stabilityai/sd-vae-ft-ema), then train:
         --config.data.data_dir=$TFDS_DIR --workdir=$WORKDIR
     python -m launch.train --config=configs/lsun.py:category=bedroom ...   (lsun/bedroom)
 
-`:smoke` shrinks the model as in configs/imagenet256.py. The paper reports about 3.9 / 3.0 FID
-(church / bedroom). Not yet run: no time or result measured.
+`:smoke` shrinks the model as in every experiment (`base.apply_smoke`). The paper reports about
+3.9 / 3.0 FID (church / bedroom). Not yet run: no time or result measured.
 """
 
 from configs import base, imagenet256
@@ -25,8 +25,8 @@ def get_config(arg: str | None = None):
     if args.category not in CATEGORIES:
         raise ValueError(f"unknown LSUN category {args.category!r}; choose one of {CATEGORIES}.")
     config = base.get_base_config()
-    config.model = args.model
-    config.remat = "full"
+    config.model_name = args.model
+    config.model.remat = "full"
     config.data.name = f"lsun_{args.category}_latents_256"
     config.data.image_key = "latent"
     config.data.label_key = None
@@ -41,6 +41,6 @@ def get_config(arg: str | None = None):
     config.sampling.cfg_scale = None
     config.sampling.num_unconditional = 16
     if args.smoke:
-        imagenet256.apply_smoke(config)
+        base.apply_smoke(config)
     config.lock()
     return config

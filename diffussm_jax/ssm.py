@@ -11,7 +11,7 @@ The math is a set of pure functions of arrays, so it can be checked against floa
   scan_causal_ssm       the recurrence x_l = dA x_{l-1} + dB u_l as a parallel associative scan
   chunked_causal_ssm    chunks of T steps: a (T, T) Toeplitz matmul inside each chunk, the N/2
                         complex state carried between chunks by matmuls and a scan over L/T chunks
-  causal_ssm            y = SSM(u) + D u with a selectable backend ("fft" | "scan" | "chunked")
+  causal_ssm            y = SSM(u) + D u with the backend `SSMSettings` picks (fft | scan | chunked)
   bidirectional_ssm     [causal SSM(u), anti-causal SSM'(u)]; the fft backend shares one rfft(u)
   direct_causal_conv    the O(L^2) sum, for tests
   s4d_recurrence        the SSM run as an RNN (sequential scan), for tests
@@ -24,10 +24,15 @@ in dense matmuls.
 
 `S4D` and `BidirectionalSSM` are thin Linen layers that own the parameters. The kernel
 depends only on the parameters, so it is generated once per call, not per example.
+
+`SSMSettings` holds what configures an SSM (state size, initialisation, step-size range, backend,
+chunk length); the models take it as one field and hand it down unchanged to the layers and to
+`causal_ssm` / `bidirectional_ssm`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Literal
@@ -52,6 +57,29 @@ SCAN_STATE_ELEMENTS = 1 << 23
 # the state, and L/T chunks to the sequential part; 64 was fastest from L = 8192 on, within noise
 # of 32 below (docs/benchmarks/README.md, ssm.md).
 DEFAULT_CHUNK_SIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SSMSettings:
+    """How an S4D layer is initialised and applied (spec section 3).
+
+    state_size: N, the state per channel (N/2 complex conjugate pairs); even, >= 2.
+    init: A's initial modes, "lin" (S4D-Lin), "inv" (S4D-Inv) or "legs" (S4D-LegS).
+    dt_min, dt_max: the range of the step size's log-uniform initialisation (BiGS: 0.01, 1).
+    backend: "fft" (kernel + FFT convolution), "scan" (associative scan of the recurrence) or
+      "chunked" (chunk_size-step Toeplitz and state matmuls); same parameters, same function.
+    chunk_size: T of the chunked backend.
+
+    Frozen (hashable), so Linen modules take it as a field.
+    """
+
+    state_size: int = 64
+    init: InitName = "lin"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    backend: Backend = "fft"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
 
 # An SSM's parameters as the pure functions take them: log_dt (H,), a (H, N/2) complex,
 # c (H, N/2) complex, d (H,).
@@ -425,19 +453,15 @@ def chunked_causal_ssm(
     return jnp.moveaxis(y, 0, 2)
 
 
-def causal_ssm(
-    u: jax.Array,
-    params: SSMParams,
-    *,
-    backend: Backend = "fft",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> jax.Array:
+def causal_ssm(u: jax.Array, params: SSMParams, settings: SSMSettings = SSMSettings()) -> jax.Array:
     """y = SSM(u) + D u, causal along axis 1. u (B, L, H) -> (B, L, H) float32 (or float64).
 
-    params = (log_dt (H,), a (H, N/2), c (H, N/2), d (H,)); `backend` picks how (module doc).
-    D u is a convolution with D at lag 0, so fft and chunked fold it into their kernels.
+    params = (log_dt (H,), a (H, N/2), c (H, N/2), d (H,)); `settings.backend` picks how (module
+    doc), with `settings.chunk_size` for the chunked one. D u is a convolution with D at lag 0, so
+    fft and chunked fold it into their kernels.
     """
     log_dt, a, c, d = params
+    backend, chunk_size = settings.backend, settings.chunk_size
     if backend == "fft":
         kernel = s4d_kernel(log_dt, a, c, u.shape[1])
         return fft_causal_conv(u, kernel.at[:, 0].add(d.astype(kernel.dtype)))
@@ -453,17 +477,17 @@ def bidirectional_ssm(
     u: jax.Array,
     forward: SSMParams,
     backward: SSMParams,
+    settings: SSMSettings = SSMSettings(),
     *,
-    backend: Backend = "fft",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
     channels_first: bool = False,
     dtype=None,
 ) -> jax.Array:
     """[SSM_fwd(u), flip(SSM_bwd(flip(u)))] along the channels: (B, L, H) -> (B, L, 2H), or
     (B, 2H, L) with `channels_first` (the layout the fft and chunked backends compute in, so
-    a caller that wants another layout can get it with a single transpose). `dtype`: what the
-    SSM computes in (float32 or float64; unset: float32, or float64 for float64 inputs); the
-    chunked backend's matmul operands stay bfloat16 for bfloat16 inputs.
+    a caller that wants another layout can get it with a single transpose). `settings`: the
+    backend (and chunk length) as in `causal_ssm`. `dtype`: what the SSM computes in (float32
+    or float64; unset: float32, or float64 for float64 inputs); the chunked backend's matmul
+    operands stay bfloat16 for bfloat16 inputs.
 
     The first H outputs at position l depend on u[:l+1], the last H on u[l:]. Both directions
     run as one SSM of 2H channels (their parameters concatenated), so every op is issued once:
@@ -474,17 +498,22 @@ def bidirectional_ssm(
       scan     two causal scans with flips.
     """
     _, length, channels = u.shape
+    backend = settings.backend
     both = [jnp.concatenate([f, b]) for f, b in zip(forward, backward, strict=True)]
     dtype = jnp.promote_types(u.dtype, jnp.float32) if dtype is None else jnp.dtype(dtype)
     if backend == "scan":
         u = u.astype(dtype)
-        anti = jnp.flip(causal_ssm(jnp.flip(u, 1), backward, backend="scan"), 1)
-        y = jnp.concatenate([causal_ssm(u, forward, backend="scan"), anti], axis=-1)
+        anti = jnp.flip(causal_ssm(jnp.flip(u, 1), backward, settings), 1)
+        y = jnp.concatenate([causal_ssm(u, forward, settings), anti], axis=-1)
         return jnp.swapaxes(y, 1, 2) if channels_first else y
     if backend == "chunked":
         u_t = jnp.moveaxis(u, 2, 0)  # (H, B, L)
         y = _chunked_channel_major(
-            jnp.concatenate([u_t, jnp.flip(u_t, -1)]), *both[:3], both[3], chunk_size, dtype
+            jnp.concatenate([u_t, jnp.flip(u_t, -1)]),
+            *both[:3],
+            both[3],
+            settings.chunk_size,
+            dtype,
         )  # (2H, B, L)
         y = jnp.concatenate([y[:channels], jnp.flip(y[channels:], -1)])
         return jnp.moveaxis(y, 0, 1 if channels_first else 2)
@@ -641,11 +670,8 @@ def s4d_recurrence(
 # ----------------------------------------------------------------------------- layers
 
 
-class S4DModule(nn.Module):
+class S4D(nn.Module):
     """Causal diagonal SSM over the sequence axis, one independent SSM per channel.
-
-    Build it with `S4D(features, init=...)`: Linen reserves the attribute name `init` for its
-    method, so the field here is `ssm_init`.
 
     (B, L, H) -> (B, L, H); any L at call time. The SSM runs in float32 (see `backend`); the
     output has the input's dtype (so bfloat16 activations stay bfloat16).
@@ -656,27 +682,22 @@ class S4DModule(nn.Module):
     log_dt, log_a_real and a_imag are the "dynamics"; training gives them their own
     optimizer group (see `SSM_DYNAMICS_PARAMS`).
 
-    backend: "fft" (kernel + FFT convolution), "scan" (associative scan of the recurrence) or
-    "chunked" (chunk_size-step Toeplitz and state matmuls); same parameters, same function.
+    `settings` (`SSMSettings`): state size, initialisation and backend.
     """
 
     features: int
-    state_size: int = 64
-    ssm_init: InitName = "lin"
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    backend: Backend = "fft"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    settings: SSMSettings = SSMSettings()
 
     def setup(self) -> None:
-        # Parameters live in setup so that `BidirectionalSSMModule` can read both directions'
+        # Parameters live in setup so that `BidirectionalSSM` can read both directions'
         # parameters (`ssm_params`) and fuse their FFTs.
-        half = self.state_size // 2
-        eig = s4d_eigenvalues(self.state_size, self.ssm_init)
+        settings = self.settings
+        half = settings.state_size // 2
+        eig = s4d_eigenvalues(settings.state_size, settings.init)
         axes = ("ssm", "state")
         self.log_dt = self.param(
             "log_dt",
-            nn.with_logical_partitioning(log_dt_init(self.dt_min, self.dt_max), ("ssm",)),
+            nn.with_logical_partitioning(log_dt_init(settings.dt_min, settings.dt_max), ("ssm",)),
             (self.features,),
         )
         self.log_a_real = self.param(
@@ -717,42 +738,29 @@ class S4DModule(nn.Module):
             raise ValueError(
                 f"S4D(features={self.features}) expects (B, L, {self.features}), got {u.shape}."
             )
-        y = causal_ssm(u, self.ssm_params(), backend=self.backend, chunk_size=self.chunk_size)
+        y = causal_ssm(u, self.ssm_params(), self.settings)
         return y.astype(u.dtype)
 
 
 SSM_DYNAMICS_PARAMS = ("log_dt", "log_a_real", "a_imag")
 
 
-class BidirectionalSSMModule(nn.Module):
+class BidirectionalSSM(nn.Module):
     """(B, L, H) -> (B, L, 2H): [causal S4D(u), flip(S4D'(flip(u)))] with independent parameters.
 
     The first H channels at position l depend only on u[:l+1], the last H only on u[l:].
-    Build it with `BidirectionalSSM(features, init=...)`; `backend` as in `S4DModule`;
-    `channels_first` returns (B, 2H, L) instead (see `bidirectional_ssm`).
+    `settings` as in `S4D`, for both directions; `channels_first` returns (B, 2H, L) instead
+    (see `bidirectional_ssm`).
     """
 
     features: int
-    state_size: int = 64
-    ssm_init: InitName = "lin"
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    backend: Backend = "fft"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    settings: SSMSettings = SSMSettings()
     channels_first: bool = False
     dtype: Any = None  # what the SSM computes in; unset: float32 (float64 for float64 inputs)
 
     def setup(self) -> None:
-        kw = dict(
-            state_size=self.state_size,
-            ssm_init=self.ssm_init,
-            dt_min=self.dt_min,
-            dt_max=self.dt_max,
-            backend=self.backend,
-            chunk_size=self.chunk_size,
-        )
-        self.forward = S4DModule(self.features, **kw)
-        self.backward = S4DModule(self.features, **kw)
+        self.forward = S4D(self.features, self.settings)
+        self.backward = S4D(self.features, self.settings)
 
     def __call__(self, u: jax.Array) -> jax.Array:
         if u.ndim != 3 or u.shape[-1] != self.features:
@@ -764,8 +772,7 @@ class BidirectionalSSMModule(nn.Module):
             u,
             self.forward.ssm_params(),
             self.backward.ssm_params(),
-            backend=self.backend,
-            chunk_size=self.chunk_size,
+            self.settings,
             channels_first=self.channels_first,
             dtype=self.dtype,
         )
@@ -782,31 +789,3 @@ class BidirectionalSSMModule(nn.Module):
         """
         forward, backward = self.forward.ssm_params(), self.backward.ssm_params()
         return s4d_kernel(*forward[:3], length), s4d_kernel(*backward[:3], length)
-
-
-def S4D(
-    features: int,
-    state_size: int = 64,
-    init: InitName = "lin",
-    dt_min: float = 0.001,
-    dt_max: float = 0.1,
-    backend: Backend = "fft",
-    **module_kwargs,
-) -> S4DModule:
-    """Causal S4D layer (B, L, H) -> (B, L, H); see `S4DModule`."""
-    return S4DModule(features, state_size, init, dt_min, dt_max, backend=backend, **module_kwargs)
-
-
-def BidirectionalSSM(
-    features: int,
-    state_size: int = 64,
-    init: InitName = "lin",
-    dt_min: float = 0.001,
-    dt_max: float = 0.1,
-    backend: Backend = "fft",
-    **module_kwargs,
-) -> BidirectionalSSMModule:
-    """Bidirectional S4D layer (B, L, H) -> (B, L, 2H); see `BidirectionalSSMModule`."""
-    return BidirectionalSSMModule(
-        features, state_size, init, dt_min, dt_max, backend=backend, **module_kwargs
-    )

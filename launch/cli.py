@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from configs import base
+from diffussm_jax.training import train_state
 
 USAGE_EXIT_STATUS = 2
 # What parsing raises for a user's mistake: absl's flag errors, ml_collections' unknown field
@@ -74,18 +74,30 @@ def describe(error: Exception, args: list[str]) -> str:
     field = re.match(r"'([^']+)'\n?(.*)", text, re.DOTALL) or re.fullmatch(r"(\w+)()", text)
     if isinstance(error, (AttributeError, KeyError)) and field:
         name, hint = field.group(1), field.group(2).strip()
-        culprit = next((a for a in args if re.match(rf"--config\.(\S+\.)?{name}=", a)), None)
-        moved = base.MOVED_FIELDS.get(name)
+        culprit = next((a for a in args if re.match(rf"--config\.(\S+\.)?{name}[.=]", a)), None)
         sentences = [
             f"the config has no field {name!r}.",
-            f"It is now {moved!r}: --config.{moved}=VALUE." if moved else "",
+            _moved(culprit),
             re.sub(r' instead of "[^"]+"', "", hint),  # the did-you-mean, if any
             "Overrides are --config.FIELD=VALUE with FIELD from the config file "
             "(configs/base.py lists them).",
         ]
         message = " ".join(sentence for sentence in sentences if sentence)
         return f"{culprit}: {message}" if culprit else message
+    # A moved field's old name that is now a block (`model`) fails to parse as one.
+    flag = re.match(r"flag (--config\.\S+?): ", text)
+    if isinstance(error, flags.Error) and flag and _moved(flag.group(1)):
+        return f"{flag.group(1)}: {_moved(flag.group(1))}"
     return text
+
+
+def _moved(argument: str | None) -> str:
+    """For `--config.OLD=VALUE` with OLD a moved field: where it is now, as a sentence; else ""."""
+    if argument is None:
+        return ""
+    old = argument.removeprefix("--config.").partition("=")[0]
+    new = train_state.MOVED_FIELDS.get(old)
+    return f"{old!r} is now {new!r}: --config.{new}=VALUE." if new else ""
 
 
 def _message(error: Exception) -> str:

@@ -42,4 +42,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main, user_errors=(checkpoint.UnsupportedCheckpointLocation, models.PrecisionError))
+    cli.run(
+        main,
+        user_errors=(
+            checkpoint.UnsupportedCheckpointLocation,
+            models.PrecisionError,
+            models.ModelFieldError,
+        ),
+    )

@@ -89,7 +89,7 @@ def run(label_init_std: float, steps: list[int]) -> list[dict]:
     config = quickstart.get_config(f"model={FLAGS.model}" if FLAGS.model else None)
     with config.unlocked():
         config.update_from_flattened_dict(base.parse_overrides(FLAGS.set))
-        config.model_overrides.label_init_std = label_init_std
+        config.model.label_init_std = label_init_std
     if config.diffusion.prediction != "eps":
         raise app.UsageError("the label effect compares eps outputs: keep diffusion.prediction=eps")
     mesh = parallel.create_mesh(1, 1, jax.devices()[:1])

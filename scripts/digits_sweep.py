@@ -49,36 +49,31 @@ class Variant:
 _OLD = {
     "diffusion.schedule": "linear",
     "diffusion.prediction": "eps",
-    "model_overrides.label_init_std": 0.02,
-    "model_overrides.pos_embed": "none",
+    "model.label_init_std": 0.02,
+    "model.pos_embed": "none",
     "sampling.clip_denoised": False,
     "ema_warmup": False,
-    "learn_sigma": True,
+    "model.learn_sigma": True,
     "diffusion.loss": "hybrid",
 }
 
 VARIANTS = {
     "quickstart": Variant("the quickstart default"),
     "old": Variant("DiffuSSM, old recipe", _OLD),
-    "label": Variant(
-        "old + label table at unit scale", {**_OLD, "model_overrides.label_init_std": 1.0}
-    ),
+    "label": Variant("old + label table at unit scale", {**_OLD, "model.label_init_std": 1.0}),
     "label_pos": Variant(
         "old + unit label table + sin-cos positions",
-        {**_OLD, "model_overrides.label_init_std": 1.0, "model_overrides.pos_embed": "sincos"},
+        {**_OLD, "model.label_init_std": 1.0, "model.pos_embed": "sincos"},
     ),
-    "label_002": Variant(
-        "quickstart, DiT's label init (0.02)", {"model_overrides.label_init_std": 0.02}
-    ),
-    "no_pos": Variant("quickstart without positions", {"model_overrides.pos_embed": "none"}),
-    "learned_pos": Variant(
-        "quickstart, learned positions", {"model_overrides.pos_embed": "learned"}
-    ),
+    "label_002": Variant("quickstart, DiT's label init (0.02)", {"model.label_init_std": 0.02}),
+    "no_pos": Variant("quickstart without positions", {"model.pos_embed": "none"}),
+    "learned_pos": Variant("quickstart, learned positions", {"model.pos_embed": "learned"}),
     "ema_no_warmup": Variant("quickstart, EMA 0.995 without warmup", {"ema_warmup": False}),
-    "t_unit": Variant("quickstart + t-MLP init 0.1", {"model_overrides.timestep_init_std": 0.1}),
+    "t_unit": Variant("quickstart + t-MLP init 0.1", {"model.timestep_init_std": 0.1}),
     "cosine": Variant("quickstart, cosine schedule", {"diffusion.schedule": "cosine"}),
     "hybrid": Variant(
-        "quickstart, learned sigma + hybrid loss", {"learn_sigma": True, "diffusion.loss": "hybrid"}
+        "quickstart, learned sigma + hybrid loss",
+        {"model.learn_sigma": True, "diffusion.loss": "hybrid"},
     ),
     "eps": Variant("quickstart, eps prediction (DiT's)", {"diffusion.prediction": "eps"}),
     "v": Variant("quickstart, v prediction (the default)", {"diffusion.prediction": "v"}),
@@ -100,11 +95,11 @@ VARIANTS = {
             "sampling.steps": 25,
         },
     ),
-    "d128": Variant("quickstart at width 128", {"model_overrides.hidden_size": 128}),
+    "d128": Variant("quickstart at width 128", {"model.hidden_size": 128}),
     "dit": Variant("DiT, 2x2 patches (64 tokens), quickstart recipe", config_arg="model=DiT-S/2"),
     "dit_d128": Variant(
         "DiT, 2x2 patches, width 128: about the quickstart's cost per image",
-        {"model_overrides.hidden_size": 128},
+        {"model.hidden_size": 128},
         config_arg="model=DiT-S/2",
     ),
     "dit_old": Variant(
@@ -114,12 +109,12 @@ VARIANTS = {
     ),
     "dit_label_002": Variant(
         "DiT, 2x2 patches, DiT's label init (0.02)",
-        {"model_overrides.label_init_std": 0.02},
+        {"model.label_init_std": 0.02},
         config_arg="model=DiT-S/2",
     ),
     "unet": Variant("reference UNet, quickstart recipe", unet=True),
     "unet_old": Variant(
-        "reference UNet, DiT's label init", {"model_overrides.label_init_std": 0.02}, unet=True
+        "reference UNet, DiT's label init", {"model.label_init_std": 0.02}, unet=True
     ),
 }
 
@@ -193,8 +188,8 @@ def train_variant(name: str, extra: dict, eval_at: list[int], writer) -> list[di
             config.data.image_size,
             config.data.channels,
             config.data.num_classes,
-            learn_sigma=config.learn_sigma,
-            label_init_std=config.model_overrides.label_init_std,
+            learn_sigma=config.model.learn_sigma,
+            label_init_std=config.model.label_init_std,
         )
     else:
         model = None

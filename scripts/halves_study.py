@@ -25,11 +25,11 @@ SIZE = 8
 # name -> (config argument, dotted overrides of the :smoke recipe)
 VARIANTS = {
     "quickstart": ("smoke", {}),
-    "no_pos": ("smoke", {"model_overrides.pos_embed": "none"}),
-    "learned_pos": ("smoke", {"model_overrides.pos_embed": "learned"}),
-    "label_002": ("smoke", {"model_overrides.label_init_std": 0.02}),
+    "no_pos": ("smoke", {"model.pos_embed": "none"}),
+    "learned_pos": ("smoke", {"model.pos_embed": "learned"}),
+    "label_002": ("smoke", {"model.label_init_std": 0.02}),
     "dit": ("smoke,model=DiT-S/2", {}),
-    "dit_label_002": ("smoke,model=DiT-S/2", {"model_overrides.label_init_std": 0.02}),
+    "dit_label_002": ("smoke,model=DiT-S/2", {"model.label_init_std": 0.02}),
 }
 # (sampler, steps, guidance scale or None, clip)
 SETTINGS = [

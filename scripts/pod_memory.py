@@ -44,7 +44,7 @@ def _row(model, resolution, data, fsdp, global_batch, mode, remat) -> dict:
 
     config = imagenet256.get_config(f"model={model},batch={global_batch}", resolution=resolution)
     config.mesh.data, config.mesh.fsdp = data, fsdp
-    config.remat = remat
+    config.model.remat = remat
     mesh = parallel.create_mesh(data, fsdp)
     parallel.check_global_batch(config.global_batch_size, mesh)
     experiment = training.setup(config, mesh)

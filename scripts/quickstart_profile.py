@@ -6,10 +6,10 @@ FLOPs from XLA's cost analysis of the compiled step, the achieved FLOP/s, and th
 step's device time by kind of XLA op, read from a profiler trace of a few steps.
 
     python scripts/quickstart_profile.py                       # the quickstart default
-    python scripts/quickstart_profile.py --variants=default,scan_layers=true,model=DiT-S/2
+    python scripts/quickstart_profile.py --variants=default,model.scan_layers=true,model=DiT-S/2
 
 A variant is `default`, or comma-free `field=value` overrides joined by `+`
-(`model_overrides.hidden_size=128+scan_layers=true`); `model=...` picks the config argument.
+(`model.hidden_size=128+model.scan_layers=true`); `model=...` picks the config argument.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def profile(variant: str) -> dict:
     total = sum(by_kind.values())
     return dict(
         variant=variant,
-        model=config.model,
-        width=config.model_overrides.hidden_size,
+        model=config.model_name,
+        width=config.model.hidden_size,
         batch=batch_size,
         compile_s=compile_s,
         step_ms=1e3 * seconds,

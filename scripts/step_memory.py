@@ -41,8 +41,8 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> di
     global_batch = per_device_batch * devices
     config = imagenet256.get_config(f"model={model},batch={global_batch}", resolution=resolution)
     config.mesh.data, config.mesh.fsdp = data, fsdp
-    config.remat = remat
-    config.model_overrides.depth = depth
+    config.model.remat = remat
+    config.model.depth = depth
     mesh = parallel.create_mesh(data, fsdp, jax.devices()[:devices])
     experiment = training.setup(config, mesh)
     batch = train_step.abstract_batch(config, mesh, global_batch)

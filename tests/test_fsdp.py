@@ -22,8 +22,8 @@ def small_config(data: int, fsdp: int):
     config = quickstart.get_config()
     with config.unlocked():
         config.data.data_dir = os.environ.get("DIFFUSSM_TEST_DATA_DIR")
-        config.model_overrides.depth = 2
-        config.scan_layers = True  # stacked layers, as pods run them
+        config.model.depth = 2
+        config.model.scan_layers = True  # stacked layers, as pods run them
         config.mesh.data, config.mesh.fsdp = data, fsdp
         config.mesh.fsdp_min_size = MIN_SIZE
     return config
@@ -191,8 +191,8 @@ def test_each_device_computes_only_its_share_of_the_batch(model, data, fsdp):
     if model != "DiffuSSM":
         for config in configs:
             with config.unlocked():
-                config.model, config.model_overrides.num_heads = model, 4
-                config.model_overrides.pos_embed = config.model_overrides.state_size = None
+                config.model_name, config.model.num_heads = model, 4
+                config.model.pos_embed = config.model.ssm.state_size = None
     one = _train_step_flops_per_device(configs[0], global_batch=8)
     eight = _train_step_flops_per_device(configs[1], global_batch=8)
     print(f"per-device FLOPs on 8 devices / one device: {eight / one:.3f}")

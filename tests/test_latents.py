@@ -228,7 +228,7 @@ def test_latent_configs_and_smoke_variants():
     assert imagenet512.get_config("smoke").num_train_steps == 20
     church = lsun.get_config("smoke")
     assert church.data.name == "lsun_church_outdoor_latents_256" and church.data.label_key is None
-    assert church.model_overrides.hidden_size == 32 and church.vae.path == imagenet256.VAE_PATH
+    assert church.model.hidden_size == 32 and church.vae.path == imagenet256.VAE_PATH
     assert latents.default_output_name("imagenet2012", 512) == big.data.name
 
 

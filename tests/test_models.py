@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffussm_jax import hlo_stats, models
+from diffussm_jax import hlo_stats, models, ssm
 from diffussm_jax.models import layers
 from diffussm_jax.models.diffussm import DiffuSSMBlock
 
 TINY = {
-    "DiffuSSM": dict(hidden_size=32, depth=2, state_size=8),
+    "DiffuSSM": dict(hidden_size=32, depth=2, ssm=ssm.SSMSettings(state_size=8)),
     "DiT": dict(hidden_size=32, depth=2, num_heads=2),
 }
 
@@ -393,7 +393,7 @@ def test_diffussm_block_backward_keeps_27_activation_sized_tensors():
     slopes (3 x 4), the gated product (2) and W3's output for the gate (1). JAX's own GELU,
     LayerNorm and FFT gradients kept 73 (docs/pod.md)."""
     batch, short_len, width = 3, 64, 32
-    block = DiffuSSMBlock(hidden_size=width, state_size=8, dtype=jnp.bfloat16)
+    block = DiffuSSMBlock(hidden_size=width, ssm=ssm.SSMSettings(state_size=8), dtype=jnp.bfloat16)
     x = jax.ShapeDtypeStruct((batch, short_len, width), jnp.bfloat16)
     c = jax.ShapeDtypeStruct((batch, width), jnp.bfloat16)
     unit = short_len * width * 2
@@ -410,7 +410,7 @@ def test_hourglass_projections_compile_without_layout_copies():
     dense layer to contract over the tokens. With Wdown contracting over a sub-position axis
     in the middle of (B, J, M, 2D) there were 21."""
     batch, short_len, width = 3, 40, 24
-    block = DiffuSSMBlock(hidden_size=width, state_size=8, dtype=jnp.bfloat16)
+    block = DiffuSSMBlock(hidden_size=width, ssm=ssm.SSMSettings(state_size=8), dtype=jnp.bfloat16)
     x = jnp.ones((batch, short_len, width), jnp.bfloat16)
     c = jnp.ones((batch, width), jnp.bfloat16)
     variables = block.init(jax.random.key(0), x, c)

@@ -348,7 +348,7 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path, small_st
 def test_checkpoint_from_another_model_names_parameters_and_shapes(tmp_path, small_state):
     config, state = small_state
     save_steps(tmp_path, config, state, [2, 4])
-    wider = smoke_config(**{"model_overrides.hidden_size": 64})
+    wider = smoke_config(**{"model.hidden_size": 64})
     owner = checkpoint.Checkpointer(str(tmp_path), owner=True)
     with pytest.raises(checkpoint.CheckpointMismatchError) as raised:
         owner.restore(abstract_state(wider))

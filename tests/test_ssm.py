@@ -105,7 +105,7 @@ def test_eigenvalue_inits():
 
 @pytest.fixture(scope="module")
 def bidirectional():
-    layer = ssm.BidirectionalSSM(6, state_size=8, dt_min=0.01, dt_max=0.5)
+    layer = ssm.BidirectionalSSM(6, ssm.SSMSettings(state_size=8, dt_min=0.01, dt_max=0.5))
     u = jnp.asarray(np.random.default_rng(0).normal(size=(2, 50, 6)), jnp.float32)
     variables = layer.init(jax.random.key(0), u)
     return layer, variables, jax.jit(layer.apply)
@@ -157,7 +157,7 @@ def test_bidirectional_causality(bidirectional):
 def test_backward_half_is_flipped_forward_of_flipped_input(bidirectional):
     _, variables, apply = bidirectional
     u = jnp.asarray(np.random.default_rng(2).normal(size=(1, 50, 6)), jnp.float32)
-    single = ssm.S4D(6, state_size=8)
+    single = ssm.S4D(6, ssm.SSMSettings(state_size=8))
     backward = single.apply({"params": variables["params"]["backward"]}, jnp.flip(u, 1))
     np.testing.assert_allclose(apply(variables, u)[..., 6:], jnp.flip(backward, 1), atol=1e-5)
 
@@ -205,7 +205,9 @@ def test_bad_input_shape_is_explained():
     with pytest.raises(ValueError, match=r"expects \(B, L, 4\)"):
         layer.init(jax.random.key(0), jnp.ones((2, 10, 5)))
     with pytest.raises(ValueError, match="dt_min"):
-        ssm.S4D(4, dt_min=0.1, dt_max=0.01).init(jax.random.key(0), jnp.ones((1, 3, 4)))
+        ssm.S4D(4, ssm.SSMSettings(dt_min=0.1, dt_max=0.01)).init(
+            jax.random.key(0), jnp.ones((1, 3, 4))
+        )
 
 
 @pytest.mark.parametrize("split", ["one_axis", "two_axes"])
@@ -224,7 +226,7 @@ def test_sharded_fft_ssm_transforms_only_each_devices_rows(split):
         mesh = Mesh(devices.reshape(4, 2), ("data", "fsdp"))
         spec = PartitionSpec(("data", "fsdp"))
     u = jnp.asarray(np.random.default_rng(0).normal(size=(8, 37, 16)), jnp.float32)
-    layer = ssm.BidirectionalSSM(16, state_size=8)
+    layer = ssm.BidirectionalSSM(16, ssm.SSMSettings(state_size=8))
     variables = layer.init(jax.random.key(0), u)
 
     def loss(variables, u):

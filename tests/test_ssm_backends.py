@@ -30,30 +30,30 @@ def random_params(seed: int, channels: int = 3, state_size: int = 8, init: str =
 
 
 BACKEND_CASES = [
-    ("fft", {}),
-    ("scan", {}),
-    ("chunked", dict(chunk_size=16)),
-    ("chunked", dict(chunk_size=64)),
+    ssm.SSMSettings(backend="fft"),
+    ssm.SSMSettings(backend="scan"),
+    ssm.SSMSettings(backend="chunked", chunk_size=16),
+    ssm.SSMSettings(backend="chunked", chunk_size=64),
 ]
 
 
 @pytest.mark.parametrize("length", [1, 16, 100, 257])
-@pytest.mark.parametrize(("backend", "kw"), BACKEND_CASES)
-def test_causal_backends_equal_float64_recurrence(backend, kw, length):
+@pytest.mark.parametrize("settings", BACKEND_CASES)
+def test_causal_backends_equal_float64_recurrence(settings, length):
     """Lengths cover L < T, L = T, L not a multiple of T, and an odd prime L."""
     params = random_params(length, init="inv" if length == 100 else "lin")
     u = np.random.default_rng(1).normal(size=(2, length, 3))
     with enable_x64():
         params = tuple(map(jnp.asarray, params))
         expected = ssm.s4d_recurrence(jnp.asarray(u), *params)
-        run = jax.jit(functools.partial(ssm.causal_ssm, backend=backend, **kw))
+        run = jax.jit(functools.partial(ssm.causal_ssm, settings=settings))
         got = run(jnp.asarray(u), params)
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize(("backend", "kw"), BACKEND_CASES)
-def test_bidirectional_backends_equal_float64_reference(backend, kw):
+@pytest.mark.parametrize("settings", BACKEND_CASES)
+def test_bidirectional_backends_equal_float64_reference(settings):
     forward, backward = random_params(1), random_params(2)
     u = np.random.default_rng(3).normal(size=(2, 77, 3))
     with enable_x64():
@@ -61,10 +61,10 @@ def test_bidirectional_backends_equal_float64_reference(backend, kw):
         u = jnp.asarray(u)
         causal = ssm.s4d_recurrence(u, *forward)
         anti = jnp.flip(ssm.s4d_recurrence(jnp.flip(u, 1), *backward), 1)
-        run = jax.jit(functools.partial(ssm.bidirectional_ssm, backend=backend, **kw))
+        run = jax.jit(functools.partial(ssm.bidirectional_ssm, settings=settings))
         got = run(u, forward, backward)
         channels_first = jax.jit(
-            functools.partial(ssm.bidirectional_ssm, backend=backend, channels_first=True, **kw)
+            functools.partial(ssm.bidirectional_ssm, settings=settings, channels_first=True)
         )(u, forward, backward)
     chex.assert_shape(got, (2, 77, 6))
     np.testing.assert_allclose(got[..., :3], causal, rtol=1e-9, atol=1e-9)
@@ -123,7 +123,7 @@ def test_chunked_backend_memory_has_no_length_by_state_tensor():
     u = jax.ShapeDtypeStruct((1, length, channels), jnp.float32)
 
     def loss(u, params):
-        return ssm.causal_ssm(u, params, backend="chunked").sum()
+        return ssm.causal_ssm(u, params, ssm.SSMSettings(backend="chunked")).sum()
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(u, params).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < channels * half * length * 8 / 5
@@ -135,7 +135,7 @@ def test_chunked_backend_memory_has_no_length_by_state_tensor():
 @pytest.fixture(scope="module")
 def layer_and_params():
     u = jnp.asarray(np.random.default_rng(0).normal(size=(2, 45, 6)), jnp.float32)
-    layer = ssm.BidirectionalSSM(6, state_size=8, dt_min=0.01, dt_max=0.5)
+    layer = ssm.BidirectionalSSM(6, ssm.SSMSettings(state_size=8, dt_min=0.01, dt_max=0.5))
     variables = nn.meta.unbox(jax.jit(layer.init)(jax.random.key(0), u))
     # Perturbed dynamics, C and D so that every path of the gradient carries signal.
     rng = np.random.default_rng(1)
@@ -149,10 +149,12 @@ def layer_and_params():
 @pytest.mark.parametrize("backend", ssm.BACKENDS)
 def test_layer_backends_share_parameters_and_agree(layer_and_params, backend):
     u, params = layer_and_params
-    layer = ssm.BidirectionalSSM(6, state_size=8, backend=backend, chunk_size=16)
+    layer = ssm.BidirectionalSSM(6, ssm.SSMSettings(state_size=8, backend=backend, chunk_size=16))
     fresh = jax.eval_shape(layer.init, jax.random.key(0), u)
     chex.assert_trees_all_equal_shapes_and_dtypes(nn.meta.unbox(fresh)["params"], params)
-    reference = jax.jit(ssm.BidirectionalSSM(6, state_size=8).apply)({"params": params}, u)
+    reference = jax.jit(ssm.BidirectionalSSM(6, ssm.SSMSettings(state_size=8)).apply)(
+        {"params": params}, u
+    )
     got = jax.jit(layer.apply)({"params": params}, u)
     np.testing.assert_allclose(got, reference, atol=2e-5, rtol=2e-5)
 
@@ -164,7 +166,9 @@ def test_gradients_match_fft_backend(layer_and_params, backend):
     weights = jnp.asarray(np.random.default_rng(6).normal(size=(2, 45, 12)), jnp.float32)
 
     def grads(backend):
-        layer = ssm.BidirectionalSSM(6, state_size=8, backend=backend, chunk_size=16)
+        layer = ssm.BidirectionalSSM(
+            6, ssm.SSMSettings(state_size=8, backend=backend, chunk_size=16)
+        )
         loss = lambda p, u: jnp.sum(weights * layer.apply({"params": p}, u))
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, u)
 
@@ -201,7 +205,7 @@ def test_fft_gradient_equals_float64_recurrence_gradient():
 
 def test_chunked_bfloat16_and_unknown_backend(layer_and_params):
     u, params = layer_and_params
-    layer = ssm.BidirectionalSSM(6, state_size=8, backend="chunked", chunk_size=16)
+    layer = ssm.BidirectionalSSM(6, ssm.SSMSettings(state_size=8, backend="chunked", chunk_size=16))
     apply = jax.jit(layer.apply)
     out32 = apply({"params": params}, u)
     out16 = apply({"params": params}, u.astype(jnp.bfloat16))
@@ -210,14 +214,15 @@ def test_chunked_bfloat16_and_unknown_backend(layer_and_params):
     scale = float(jnp.abs(out32).max())
     np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=4 * 2**-8 * scale)
     with pytest.raises(ValueError, match="choose one of"):
-        ssm.BidirectionalSSM(6, state_size=8, backend="conv").apply({"params": params}, u)
+        layer = ssm.BidirectionalSSM(6, ssm.SSMSettings(state_size=8, backend="conv"))
+        layer.apply({"params": params}, u)
 
 
-def test_diffussm_ssm_backend_field():
-    kw = dict(input_size=8, in_channels=4, num_classes=10, hidden_size=16, depth=1, state_size=8)
+def test_diffussm_ssm_backend_setting():
+    kw = dict(input_size=8, in_channels=4, num_classes=10, hidden_size=16, depth=1)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 4)), jnp.float32)
     t, y = jnp.array([3, 500]), jnp.array([1, 10])
-    fft_model = models.create("DiffuSSM-S", **kw)
+    fft_model = models.create("DiffuSSM-S", ssm=ssm.SSMSettings(state_size=8), **kw)
     # Random values for every parameter (no compiled init: it costs more than the applies) also
     # break adaLN-Zero, so the blocks and their SSMs reach the output.
     rng = np.random.default_rng(2)
@@ -228,6 +233,7 @@ def test_diffussm_ssm_backend_field():
     expected = jax.jit(fft_model.apply)({"params": params}, x, t, y)
     assert float(jnp.abs(expected).max()) > 0.1
     for backend in ("scan", "chunked"):
-        model = models.create("DiffuSSM-S", ssm_backend=backend, **kw)
+        settings = ssm.SSMSettings(state_size=8, backend=backend)
+        model = models.create("DiffuSSM-S", ssm=settings, **kw)
         got = jax.jit(model.apply)({"params": params}, x, t, y)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=backend)

@@ -190,7 +190,7 @@ def test_process_settings_are_checked_and_errors_name_the_fix():
     )
     # The flow network outputs C channels and trains on the velocity MSE only.
     wrong = smoke_config(
-        **{"diffusion.process": "flow", "learn_sigma": True, "diffusion.loss": "hybrid"}
+        **{"diffusion.process": "flow", "model.learn_sigma": True, "diffusion.loss": "hybrid"}
     )
     with pytest.raises(ValueError, match=r"learn_sigma=False.*diffusion\.loss=mse"):
         training.create_diffusion(wrong)
@@ -596,7 +596,11 @@ def test_unknown_config_field_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--config.model_overrides.dept=3"], r"overrides\.dept=3: .*no field 'dept'.*\"depth\""),
+        (["--config.model.dept=3"], r"model\.dept=3: .*no field 'dept'.*\"depth\""),
+        (["--config.model_overrides.depth=2"], r"overrides\.depth=2: .*now 'model\.depth'"),
+        (["--config.learn_sigma=False"], r"learn_sigma=False: .*now 'model\.learn_sigma'"),
+        (["--config.model=DiT-S/2"], r"model=DiT-S/2: .*now 'model_name'"),
+        (["--config.model.num_heads=4"], r"DiffuSSM-S .*no field.*'num_heads'.*valid fields"),
         (["--config.global_batch_size=abc"], r"global_batch_size=abc.*invalid literal"),
         (["--wrkdir=/tmp/x"], r"Unknown command line flag 'wrkdir'.*workdir"),
         (["--config.dtype=bfloat16"], r"dtype=bfloat16: .*now 'precision.compute'"),

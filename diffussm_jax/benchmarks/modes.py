@@ -149,7 +149,7 @@ def scaling_summary(rows: Sequence[Row], fit_range: tuple[int, int]) -> list[Row
 def _bidirectional_steps(width: int, length: int, batch: int, options: Options, backend, chunk):
     """(forward, forward+backward) of one BidirectionalSSM layer, and (params, u (B, L, D))."""
     layer = ssm.BidirectionalSSM(
-        width, state_size=options.state_size, backend=backend, chunk_size=chunk
+        width, ssm.SSMSettings(state_size=options.state_size, backend=backend, chunk_size=chunk)
     )
     u = jnp.asarray(np.random.default_rng(0).normal(size=(batch, length, width)), jnp.float32)
     u = u.astype(jnp.dtype(models.Precision.parse(options.precision).compute))

@@ -5,8 +5,8 @@ benchmarked model is a registry name plus the fields it overrides, and its label
 the two: resized models (width, depth) drop the size and keep the family, a patch override adds
 " p<patch>", an SSM backend adds " [<backend>]":
 
-    DiffuSSM-S, hidden_size=256, depth=2, ssm_backend=fft      -> "DiffuSSM [fft]"
-    DiffuSSM-XL, ssm_backend=chunked                           -> "DiffuSSM-XL [chunked]"
+    DiffuSSM-S, hidden_size=256, depth=2, ssm.backend=fft      -> "DiffuSSM [fft]"
+    DiffuSSM-XL, ssm.backend=chunked                           -> "DiffuSSM-XL [chunked]"
     DiT-S/2, hidden_size=256, depth=2, num_heads=4, patch_size=1 -> "DiT p1"
     DiT-XL/2                                                   -> "DiT-XL/2"
 
@@ -45,13 +45,13 @@ class ModelSpec:
         label = family if any(f in fields for f in _SIZE_FIELDS) else self.registry_name
         if "patch_size" in fields:
             label += f" p{fields['patch_size']}"
-        if "ssm_backend" in fields:
-            label += f" [{fields['ssm_backend']}]"
+        if "ssm.backend" in fields:
+            label += f" [{fields['ssm.backend']}]"
         return label
 
     @property
     def backend(self) -> str:
-        return dict(self.overrides).get("ssm_backend", "-")
+        return dict(self.overrides).get("ssm.backend", "-")
 
     @property
     def is_diffussm(self) -> bool:
@@ -67,16 +67,24 @@ class ModelSpec:
         return (input_size // (1 if self.is_diffussm else self.patch_size)) ** 2
 
     def build(self, input_size: int, precision: str, scan_layers: bool, **overrides) -> nn.Module:
-        """The Linen model at this latent side; `overrides` go on top of the spec's own."""
-        return models.create(
+        """The Linen model at this latent side; `overrides` go on top of the spec's own.
+
+        "ssm.backend" sets the backend of the model's `ssm.SSMSettings`, keeping its others.
+        """
+        fields = {**dict(self.overrides), **overrides}
+        backend = fields.pop("ssm.backend", None)
+        model = models.create(
             self.registry_name,
             input_size=input_size,
             in_channels=4,
             num_classes=1000,
             precision=models.Precision.parse(precision),
             scan_layers=scan_layers,
-            **{**dict(self.overrides), **overrides},
+            **fields,
         )
+        if backend is None:
+            return model
+        return model.clone(ssm=dataclasses.replace(model.ssm, backend=backend))
 
 
 def model_specs(
@@ -94,7 +102,7 @@ def model_specs(
             for backend in backends:
                 if backend not in ssm.BACKENDS:
                     raise ValueError(f"unknown backend {backend!r}; choose from {ssm.BACKENDS}.")
-                overrides = tuple({**size, "ssm_backend": backend}.items())
+                overrides = tuple({**size, "ssm.backend": backend}.items())
                 specs.append(ModelSpec(registry_name, overrides))
         elif name.startswith("DiT/"):
             patch = int(name.removeprefix("DiT/"))

@@ -27,7 +27,7 @@ from diffussm_jax.benchmarks.specs import ModelSpec
 def init_params(spec: ModelSpec, scan_layers: bool) -> Any:
     """float32 parameters. They depend on neither the input size nor the SSM backend, so they
     are initialised once per architecture, at a tiny input size."""
-    overrides = tuple((k, v) for k, v in spec.overrides if k != "ssm_backend")
+    overrides = tuple((k, v) for k, v in spec.overrides if k != "ssm.backend")
     return _init_architecture(ModelSpec(spec.registry_name, overrides), scan_layers)
 
 

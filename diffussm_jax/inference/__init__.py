@@ -10,8 +10,8 @@ from diffussm_jax import inference
 inference.evaluate(workdir, num_samples=50_000, inception_path=..., reference_path=...)
 """
 
-from diffussm_jax.inference.score import evaluate, summary_lines
 from diffussm_jax.inference.export import sample_to_npz
 from diffussm_jax.inference.restore import load_config, restore_ema_params
+from diffussm_jax.inference.score import evaluate, summary_lines
 
 __all__ = ["evaluate", "load_config", "restore_ema_params", "sample_to_npz", "summary_lines"]

@@ -87,7 +87,7 @@ def sample_to_npz(
     paths: dict[str, Any] = {"npz": output, "png": os.path.splitext(output)[0] + ".png"}
     if jax.process_index() == 0:
         meta = dict(
-            model=config.model,
+            model=config.model_name,
             step=step,
             process=train_state.process_name(config),
             **settings,

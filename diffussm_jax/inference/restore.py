@@ -16,12 +16,13 @@ from typing import Any
 import ml_collections
 
 from diffussm_jax import files
-from diffussm_jax.training import checkpoint
+from diffussm_jax.training import checkpoint, train_state
 from diffussm_jax.training import experiment as experiment_lib
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was trained with (`<workdir>/config.json`), locked."""
+    """The config a run was trained with (`<workdir>/config.json`), in the current layout
+    (`train_state.upgrade_saved_config`: runs saved before a field moved still load), locked."""
     checkpoint.check_location(workdir)  # before any read: s3:// never holds a run's checkpoints
     path = files.join(workdir, "config.json")
     if not files.exists(path):
@@ -29,9 +30,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} not found: --workdir must be a directory written by launch.train."
         )
     with files.open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    config.lock()
-    return config
+        return train_state.upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
 
 
 def restore_ema_params(

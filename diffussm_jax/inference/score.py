@@ -154,7 +154,7 @@ def sample_shards(
         key=jax.random.key(seed),
     )
     settings = SampleSettings(
-        model=config.model,
+        model=config.model_name,
         step=int(step),
         num_samples=num_samples,
         **sampling_settings,

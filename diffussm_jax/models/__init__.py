@@ -54,9 +54,25 @@ PAPER_FIGURES: dict[str, dict[str, float]] = {
 }
 
 
+class ModelFieldError(ValueError):
+    """A constructor field the named model does not have (e.g. num_heads for a DiffuSSM)."""
+
+
 def names() -> list[str]:
     """All registered model names."""
     return list(_REGISTRY)
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The Linen class of a registered model, e.g. DiffuSSM for "DiffuSSM-XL"."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}.")
+    return _REGISTRY[name][0]
+
+
+def constructor_fields(cls: type[nn.Module]) -> dict[str, dataclasses.Field]:
+    """The dataclass fields of a model class that its constructor takes (not Linen's own)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
 
 
 def create(
@@ -69,7 +85,8 @@ def create(
     precision: Precision | None = None,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered model; `overrides` replace any constructor field (e.g. depth=2).
+    """Build a registered model; `overrides` replace any constructor field (e.g. depth=2, or
+    ssm=ssm.SSMSettings(state_size=16) for a DiffuSSM).
 
     Args:
       name: a registry name, see `names()`.
@@ -79,14 +96,15 @@ def create(
       learn_sigma: output 2C channels (noise + variance interpolation) instead of C.
       precision: the dtypes of parameters, compute, residual stream and SSM (`Precision`);
         unset: the constructor's defaults (float32 throughout) or the dtypes in `overrides`.
+
+    Raises:
+      ModelFieldError: an override names a field the model's class does not have.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}.")
-    cls, kwargs = _REGISTRY[name]
-    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-    unknown = sorted(set(overrides) - fields)
+    cls, kwargs = model_class(name), _REGISTRY[name][1]
+    fields = constructor_fields(cls)
+    unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(
+        raise ModelFieldError(
             f"{name} ({cls.__name__}) has no field(s) {unknown}; valid fields: {sorted(fields)}."
         )
     if precision is not None:
@@ -199,13 +217,7 @@ def stats(name: str, *, input_size: int, in_channels: int = 4, **overrides: Any)
         params_breakdown["blocks.adaLN"] = model.depth * ada_params
         params_breakdown["blocks.ssm"] = model.depth * ssm_params
         seq_len = input_size * input_size
-        bissm = ssm.BidirectionalSSMModule(
-            model.hidden_size,
-            state_size=model.state_size,
-            ssm_init=model.ssm_init,
-            dt_min=model.dt_min,
-            dt_max=model.dt_max,
-        )
+        bissm = ssm.BidirectionalSSM(model.hidden_size, model.ssm)
         u = jax.ShapeDtypeStruct((1, seq_len, model.hidden_size), jnp.float32)
         ssm_vars = jax.eval_shape(bissm.init, jax.random.key(0), u)
         gmacs_breakdown["blocks.ssm"] = model.depth * _forward_gmacs(
@@ -234,11 +246,14 @@ __all__ = [
     "DiT",
     "DiffuSSM",
     "DiffuSSMBlock",
+    "ModelFieldError",
     "Precision",
     "PrecisionError",
     "abstract_params",
+    "constructor_fields",
     "count_params",
     "create",
+    "model_class",
     "names",
     "stats",
 ]

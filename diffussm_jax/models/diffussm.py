@@ -82,12 +82,8 @@ class DiffuSSMBlock(nn.Module):
 
     hidden_size: int
     hourglass_ratio: int = 2
-    state_size: int = 64
-    ssm_init: ssm.InitName = "lin"
-    dt_min: float = 0.001
-    dt_max: float = 0.1
+    ssm: ssm.SSMSettings = ssm.SSMSettings()
     activation: str = "gelu_tanh"
-    ssm_backend: ssm.Backend = "fft"
     remat_ssm: bool = False  # recompute the SSM in the backward pass (remat="ssm_only")
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -109,16 +105,12 @@ class DiffuSSMBlock(nn.Module):
         up = SubpositionDense(ratio, width, shared_input=True, name="Wup", **kw)
         u = act(up(h0)).reshape(batch, short_len * ratio, width)
 
-        ssm_cls = ssm.BidirectionalSSMModule
+        ssm_cls = ssm.BidirectionalSSM
         if self.remat_ssm:
             ssm_cls = nn.remat(ssm_cls)
         y = ssm_cls(
             width,
-            state_size=self.state_size,
-            ssm_init=self.ssm_init,
-            dt_min=self.dt_min,
-            dt_max=self.dt_max,
-            backend=self.ssm_backend,
+            self.ssm,
             channels_first=True,
             dtype=self.ssm_dtype,
             name="ssm",
@@ -165,12 +157,8 @@ class DiffuSSM(nn.Module):
     label_init_std: float = 0.02  # DiT's; 1.0 learns the class far sooner (docs/quickstart.md)
     timestep_init_std: float = 0.02
     timestep_scale: float = 1.0  # 1000 for flow's t in [0, 1]; see layers.Conditioning
-    state_size: int = 64
-    ssm_init: ssm.InitName = "lin"
-    dt_min: float = 0.001
-    dt_max: float = 0.1
+    ssm: ssm.SSMSettings = ssm.SSMSettings()  # state size, init, dt range, backend
     activation: str = "gelu_tanh"
-    ssm_backend: ssm.Backend = "fft"
     pos_embed: str = "none"  # "none" (spec), "sincos" (fixed 2D, as DiT) or "learned"
     dtype: Any = jnp.float32  # compute; the dtypes are set together by models.precision
     param_dtype: Any = jnp.float32
@@ -241,12 +229,8 @@ class DiffuSSM(nn.Module):
         block_kw = dict(
             hidden_size=dim,
             hourglass_ratio=ratio,
-            state_size=self.state_size,
-            ssm_init=self.ssm_init,
-            dt_min=self.dt_min,
-            dt_max=self.dt_max,
+            ssm=self.ssm,
             activation=self.activation,
-            ssm_backend=self.ssm_backend,
             ssm_dtype=self.ssm_dtype,
             **kw,
         )

@@ -72,8 +72,8 @@ class Precision:
 
     @classmethod
     def from_config(cls, block: Any) -> Precision:
-        """From a config block with the four roles as fields."""
-        return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls)})
+        """From a config block with the roles as fields; a role it lacks keeps its default."""
+        return cls(**{f.name: block[f.name] for f in dataclasses.fields(cls) if f.name in block})
 
     @property
     def name(self) -> str:

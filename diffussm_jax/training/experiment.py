@@ -63,8 +63,8 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
         # The flow network predicts the velocity with C output channels: nothing of the
         # Gaussian process's variance, prediction or weighting options applies.
         fixes = []
-        if config.learn_sigma:
-            fixes.append("--config.learn_sigma=False (there is no variance to learn)")
+        if config.model.learn_sigma:
+            fixes.append("--config.model.learn_sigma=False (there is no variance to learn)")
         if config.diffusion.loss != "mse":
             fixes.append(f"--config.diffusion.loss=mse (not {config.diffusion.loss!r})")
         if setting("prediction") != "eps":
@@ -90,7 +90,7 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
     return diffusion_lib.create(
         num_timesteps=config.diffusion.num_timesteps,
         schedule=config.diffusion.schedule,
-        learn_sigma=config.learn_sigma,
+        learn_sigma=config.model.learn_sigma,
         loss=config.diffusion.loss,
         prediction=setting("prediction"),
         loss_weighting=setting("loss_weighting"),

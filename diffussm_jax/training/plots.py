@@ -18,12 +18,14 @@ import io
 import json
 import math
 
+import ml_collections
 import numpy as np
 from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from diffussm_jax import files
+from diffussm_jax.training import train_state
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -167,7 +169,8 @@ def default_title(workdir: str) -> str:
     name = files.basename(files.resolve(workdir))
     try:
         with files.open(files.join(workdir, "config.json")) as f:
-            return f"{json.load(f)['model']}, {name}"
+            saved = train_state.upgrade_saved_config(ml_collections.ConfigDict(json.load(f)))
+        return f"{saved['model_name']}, {name}"
     except (OSError, ValueError, KeyError):
         return name
 

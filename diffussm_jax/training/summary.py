@@ -18,8 +18,15 @@ from diffussm_jax import files
 from diffussm_jax.console import format_rate, format_seconds
 
 
-def _fields(config: ml_collections.ConfigDict) -> dict:
-    return {key: value for key, value in config.items() if value is not None}
+def _set_fields(block: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    """The fields of `block` that hold a value, nested blocks' as dotted names ("ssm.init")."""
+    fields = {}
+    for key, value in block.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            fields.update(_set_fields(value, f"{prefix}{key}."))
+        elif value is not None:
+            fields[prefix + key] = value
+    return fields
 
 
 def _describe_diffusion(config: ml_collections.ConfigDict) -> str:
@@ -46,8 +53,8 @@ def config_lines(
 ) -> list[str]:
     """Five lines: model, data and schedule, optimizer and diffusion, cadences, where the
     whole config is. `devices` describes the mesh's devices, e.g. "8 NVIDIA H100"."""
-    overrides = ", ".join(f"{k}={v}" for k, v in _fields(config.model_overrides).items())
-    model = f"{config.model} ({overrides})" if overrides else config.model
+    fields = ", ".join(f"{k}={v}" for k, v in _set_fields(config.model).items())
+    model = f"{config.model_name} ({fields})" if fields else config.model_name
     data = config.data
     shape = f"{data.image_size}x{data.image_size}x{data.channels}"
     classes = f"{data.num_classes} classes" if data.num_classes else "unconditional"

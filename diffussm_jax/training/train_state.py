@@ -35,31 +35,98 @@ def process_name(config: ml_collections.ConfigDict) -> str:
     return config.diffusion.get("process", "gaussian")
 
 
-def precision(config: ml_collections.ConfigDict) -> models.Precision:
-    """`config.precision`; a run saved before it existed had one `dtype`, the compute dtype."""
-    if "precision" in config:
-        return models.Precision.from_config(config.precision)
-    return models.Precision(compute=config.dtype)
+# Config fields that moved, old dotted path -> new one. A command-line override of an old path
+# fails naming the new one (launch.cli); a config saved with a run before the move (its
+# config.json) is read with its values moved (`upgrade_saved_config`). "model", the registry
+# name before it was `model_name`, comes before the fields that move into the `model` block.
+_OLD_SSM_FIELDS = {
+    "state_size": "state_size",
+    "ssm_init": "init",
+    "dt_min": "dt_min",
+    "dt_max": "dt_max",
+    "ssm_backend": "backend",
+}
+_OLD_MODEL_OVERRIDES = (
+    "hidden_size",
+    "depth",
+    "hourglass_ratio",
+    "activation",
+    "num_heads",
+    "class_dropout_prob",
+    "label_init_std",
+    "timestep_init_std",
+    "pos_embed",
+)
+MOVED_FIELDS: dict[str, str] = {
+    "dtype": "precision.compute",
+    "model": "model_name",
+    "learn_sigma": "model.learn_sigma",
+    "remat": "model.remat",
+    "scan_layers": "model.scan_layers",
+    **{f"model_overrides.{name}": f"model.{name}" for name in _OLD_MODEL_OVERRIDES},
+    **{f"model_overrides.{old}": f"model.ssm.{new}" for old, new in _OLD_SSM_FIELDS.items()},
+}
+
+
+def upgrade_saved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A run's saved config in the current layout (locked): each old field of `MOVED_FIELDS`
+    that holds a value (not a block) is moved to its new path; a current config is unchanged.
+
+    E.g. {"model": "DiffuSSM-S", "model_overrides": {"state_size": 16}, "learn_sigma": False}
+    becomes {"model_name": "DiffuSSM-S", "model": {"ssm": {"state_size": 16},
+    "learn_sigma": False}}, and {"dtype": "bfloat16"} becomes {"precision": {"compute":
+    "bfloat16"}} (the other roles at their defaults).
+    """
+    tree = config.to_dict()
+    for old, new in MOVED_FIELDS.items():
+        *old_parents, old_name = old.split(".")
+        holder = tree
+        for key in old_parents:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if not isinstance(holder, dict) or isinstance(holder.get(old_name, {}), dict):
+            continue  # absent, or a block of the current layout (`model`)
+        value = holder.pop(old_name)
+        *new_parents, new_name = new.split(".")
+        target = tree
+        for key in new_parents:
+            target = target.setdefault(key, {})
+        target[new_name] = value
+    if tree.get("model_overrides") == {}:
+        del tree["model_overrides"]
+    upgraded = ml_collections.ConfigDict(tree)
+    upgraded.lock()
+    return upgraded
+
+
+def _model_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The constructor fields `config.model` sets (the unset ones, None, are left out), with
+    the `ssm` block as one `ssm.SSMSettings`."""
+    fields = {name: value for name, value in config.model.items() if value is not None}
+    if "ssm" in fields:
+        settings = {name: value for name, value in fields.pop("ssm").items() if value is not None}
+        if settings:
+            fields["ssm"] = ssm.SSMSettings(**settings)
+    return fields
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The registry model named by `config.model`, with the config's overrides and precision.
+    """The registry model `config.model_name` with the fields `config.model` sets, its input
+    from `config.data` and its dtypes from `config.precision`.
 
     Its `timestep_scale` follows `config.diffusion.process` (1, or `FLOW_TIMESTEP_SCALE` for flow).
+
+    Raises:
+      models.ModelFieldError: `config.model` sets a field the named model lacks.
     """
-    overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
     flow = process_name(config) == "flow"
     return models.create(
-        config.model,
+        config.model_name,
         input_size=config.data.image_size,
         in_channels=config.data.channels,
         num_classes=config.data.num_classes,
-        learn_sigma=config.learn_sigma,
-        precision=precision(config),
-        remat=config.remat,
-        scan_layers=config.scan_layers,
+        precision=models.Precision.from_config(config.precision),
         timestep_scale=FLOW_TIMESTEP_SCALE if flow else 1.0,
-        **overrides,
+        **_model_fields(config),
     )
 
 
