@@ -142,13 +142,13 @@ def write_atomically(path: str | os.PathLike, data: str | bytes) -> None:
             f.write(payload)
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
+    temporary = local_temporary(path)
     try:
         with builtins.open(temporary, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
+        publish(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

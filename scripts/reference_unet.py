@@ -56,17 +56,14 @@ class ReferenceUNet(nn.Module):
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
         w = self.width
         c = layers.Conditioning(
             self.num_classes,
             4 * w,
-            self.class_dropout_prob,
             label_init_std=self.label_init_std,
             timestep_init_std=self.timestep_init_std,
-        )(t, y, train)
+        )(t, y)
         full = ResBlock(w)(nn.Conv(w, (3, 3))(x), c)
         half = ResBlock(2 * w)(nn.avg_pool(full, (2, 2), (2, 2)), c)
         h = nn.avg_pool(half, (2, 2), (2, 2))

@@ -238,7 +238,7 @@ def test_processes_read_disjoint_parts_that_cover_the_epoch(tiny_dir, process_co
 def test_resumed_iterator_continues_exactly(tiny_dir):
     # Resume mid-epoch, then run across the epoch boundary, with random flips on: the restored
     # state must reproduce the order, the reshuffle and the flips.
-    make = lambda: _photo_loader(tiny_dir, seed=7, random_flip=True, image_size=32)
+    make = lambda: _photo_loader(tiny_dir, seed=7, random_flip=True, center_crop=32)
     reference = iter(make())
     _take(reference, 4)
     state = reference.get_state()
@@ -261,7 +261,7 @@ def test_global_stream_is_the_same_on_any_topology_and_resumes_from_a_position(t
     """The training stream: on one process it is create_loader's; split by rows over any
     number of processes it reassembles into the same global batches; started at position
     k * G it continues exactly where batch k would have (across the epoch boundary, flips on)."""
-    flips = {"random_flip": True, "image_size": 32}
+    flips = {"random_flip": True, "center_crop": 32}
     # 8 batches of 8 from 48 photos: into the second epoch.
     whole = _take(iter(_global_loader(tiny_dir, rows=range(8), **flips)), 8)
     one_process = _take(iter(_photo_loader(tiny_dir, seed=7, **flips)), 8)
@@ -304,7 +304,7 @@ def test_adm_center_crop_matches_guided_diffusion(height, width, channels):
 
 
 def test_generic_loader_center_crops_png_images(tiny_dir):
-    batch = next(iter(_photo_loader(tiny_dir, image_size=32)))
+    batch = next(iter(_photo_loader(tiny_dir, center_crop=32)))
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
     for image, photo_id in zip(batch["image"], batch["label"], strict=True):
         expected = adm_center_crop_reference(Image.fromarray(_photo(int(photo_id))), 32)
@@ -313,9 +313,9 @@ def test_generic_loader_center_crops_png_images(tiny_dir):
 
 def test_flip_off_keeps_images_flip_on_mirrors_about_half(tiny_dir):
     num_batches = 2 * NUM_PHOTOS // 8
-    plain = _take(iter(_photo_loader(tiny_dir, image_size=32, seed=5)), num_batches)
+    plain = _take(iter(_photo_loader(tiny_dir, center_crop=32, seed=5)), num_batches)
     flipped = _take(
-        iter(_photo_loader(tiny_dir, image_size=32, seed=5, random_flip=True)), num_batches
+        iter(_photo_loader(tiny_dir, center_crop=32, seed=5, random_flip=True)), num_batches
     )
     num_mirrored = 0
     for plain_batch, flipped_batch in zip(plain, flipped, strict=True):

@@ -4,7 +4,6 @@ bf16 precision, parameter counts against the paper, and input validation."""
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import flax.linen as nn
 import jax
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffussm_jax.models import layers
 from diffussm_jax.models.dit import (
     DIT_VARIANTS,
     DiT,
@@ -361,8 +361,10 @@ def test_label_dropout_uses_the_null_label_in_training(tiny):
     labelled = np.asarray(apply(params, x, t, y))
     assert np.abs(labelled - null).max() > 1e-3
     always_drop = DiT(**TINY, class_dropout_prob=1.0)
-    rngs = {"label_dropout": jax.random.key(5)}
-    dropped = jax.jit(partial(always_drop.apply, train=True))(params, x, t, y, rngs=rngs)
+    dropped_y = layers.drop_labels(
+        jax.random.key(5), y, always_drop.class_dropout_prob, always_drop.num_classes
+    )
+    dropped = jax.jit(always_drop.apply)(params, x, t, dropped_y)
     np.testing.assert_allclose(dropped, null, rtol=1e-6, atol=1e-6)
 
 

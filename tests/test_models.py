@@ -51,7 +51,7 @@ def diffussm():
     model = tiny("DiffuSSM-S")
     x, t, y = inputs()
     params = nn.meta.unbox(model.init(jax.random.key(0), x, t, y))["params"]
-    return model, params, jax.jit(functools.partial(model.apply, train=False))
+    return model, params, jax.jit(model.apply)
 
 
 @pytest.mark.parametrize("name", models.names())
@@ -197,12 +197,11 @@ def test_null_label_and_conditioning(diffussm):
     null = apply({"params": params}, x, t, None)
     np.testing.assert_array_equal(null, apply({"params": params}, x, t, jnp.full((2,), 10)))
     assert not np.allclose(null, apply({"params": params}, x, t, jnp.zeros((2,), jnp.int32)))
-    # Training drops labels to null with probability 0.1, driven by the 'label_dropout' rng.
+    # Training drops labels to null with probability 0.1 (the train step's `drop_labels`).
     y = jnp.zeros((256,), jnp.int32)
     xs, ts = jnp.zeros((256, 16, 16, 4)), jnp.full((256,), 10)
-    train = model.apply(
-        {"params": params}, xs, ts, y, train=True, rngs={"label_dropout": jax.random.key(0)}
-    )
+    dropped_y = layers.drop_labels(jax.random.key(0), y, model.class_dropout_prob, 10)
+    train = apply({"params": params}, xs, ts, dropped_y)
     eval_out = apply({"params": params}, xs, ts, y)
     null_out = apply({"params": params}, xs, ts, jnp.full((256,), 10))
     dropped = np.all(np.isclose(train, null_out, atol=1e-5), axis=(1, 2, 3))

@@ -37,7 +37,7 @@ def _init_architecture(spec: ModelSpec, scan_layers: bool) -> Any:
     model = spec.build(size, "float32", scan_layers)
     x, t, y = models.example_inputs(model)
     zeros = [jnp.zeros(a.shape, a.dtype) for a in (x, t, y)]
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), *zeros)
+    variables = jax.jit(model.init)(jax.random.key(0), *zeros)
     return nn.meta.unbox(variables)["params"]
 
 

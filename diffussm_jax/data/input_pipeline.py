@@ -172,14 +172,14 @@ class _CheckedSource(grain.sources.RandomAccessDataSource):
 class _Preprocess(grain.transforms.RandomMap):
     """(H, W, C) image -> optional ADM center crop -> optional flip -> float32 in [-1, 1]."""
 
-    def __init__(self, image_size: int | None, random_flip: bool):
-        self._image_size = image_size
+    def __init__(self, center_crop: int | None, random_flip: bool):
+        self._center_crop = center_crop
         self._random_flip = random_flip
 
     def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
         image = example["image"]
-        if self._image_size is not None:
-            image = adm_center_crop(image, self._image_size)
+        if self._center_crop is not None:
+            image = adm_center_crop(image, self._center_crop)
         if self._random_flip and rng.random() < 0.5:
             image = image[:, ::-1]
         return {**example, "image": to_model_range(image)}
@@ -192,7 +192,7 @@ def create_loader_from_source(
     seed: int = 0,
     image_key: str = "image",
     label_key: str | None = "label",
-    image_size: int | None = None,
+    center_crop: int | None = None,
     random_flip: bool = False,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -240,7 +240,7 @@ def create_loader_from_source(
         drop_remainder=drop_remainder,
         image_key=image_key,
         label_key=label_key,
-        image_size=image_size,
+        center_crop=center_crop,
         random_flip=random_flip,
         worker_count=worker_count,
         read_options=read_options,
@@ -256,7 +256,7 @@ def _batched_loader(
     drop_remainder: bool,
     image_key: str,
     label_key: str | None,
-    image_size: int | None,
+    center_crop: int | None,
     random_flip: bool,
     worker_count: int,
     read_options: grain.ReadOptions | None,
@@ -269,7 +269,7 @@ def _batched_loader(
         data_source=checked,
         sampler=sampler,
         operations=[
-            _Preprocess(image_size, random_flip),
+            _Preprocess(center_crop, random_flip),
             grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder),
         ],
         shard_options=shard_options,
@@ -287,7 +287,7 @@ def create_loader(
     seed: int = 0,
     image_key: str = "image",
     label_key: str | None = "label",
-    image_size: int | None = None,
+    center_crop: int | None = None,
     random_flip: bool = False,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -307,7 +307,8 @@ def create_loader(
       seed: non-negative 32-bit int; fixes the per-epoch shuffles and the flips.
       image_key: feature holding the (H, W, C) uint8 image, or float latent ("latent").
       label_key: feature holding the int class label; None for unconditional data.
-      image_size: if set, ADM center crop to (image_size, image_size); None keeps stored size.
+      center_crop: if set, ADM center crop to (center_crop, center_crop) (the raw images' crop,
+        `config.data.center_crop`); None keeps the stored size.
       random_flip: horizontal flip with probability 1/2 (never for digits: they are not
         mirror symmetric).
       shuffle: reshuffle each epoch; False reads records in stored order (e.g. for eval).
@@ -335,7 +336,7 @@ def create_loader(
         seed=seed,
         image_key=image_key,
         label_key=label_key,
-        image_size=image_size,
+        center_crop=center_crop,
         random_flip=random_flip,
         shuffle=shuffle,
         num_epochs=num_epochs,
@@ -440,7 +441,7 @@ def create_global_loader(
     seed: int = 0,
     image_key: str = "image",
     label_key: str | None = "label",
-    image_size: int | None = None,
+    center_crop: int | None = None,
     random_flip: bool = False,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -487,7 +488,7 @@ def create_global_loader(
         drop_remainder=True,
         image_key=image_key,
         label_key=label_key,
-        image_size=image_size,
+        center_crop=center_crop,
         random_flip=random_flip,
         worker_count=worker_count,
         read_options=read_options,

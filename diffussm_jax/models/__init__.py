@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -131,9 +130,7 @@ def example_inputs(model: nn.Module, batch_size: int = 1) -> tuple[jax.ShapeDtyp
 
 def abstract_params(model: nn.Module) -> Any:
     """The model's parameter tree as ShapeDtypeStructs (unboxed), without allocating them."""
-    variables = jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.key(0), *example_inputs(model)
-    )
+    variables = jax.eval_shape(model.init, jax.random.key(0), *example_inputs(model))
     return nn.meta.unbox(variables)["params"]
 
 

@@ -190,9 +190,7 @@ class DiffuSSM(nn.Module):
             )
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, train: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
         self._check_input(x)
         batch, height, width, channels = x.shape
         ratio, dim = self.hourglass_ratio, self.hidden_size
@@ -218,13 +216,12 @@ class DiffuSSM(nn.Module):
         c = layers.Conditioning(
             self.num_classes,
             dim,
-            self.class_dropout_prob,
             label_init_std=self.label_init_std,
             timestep_init_std=self.timestep_init_std,
             timestep_scale=self.timestep_scale,
             name="conditioning",
             **kw,
-        )(t, y, train)
+        )(t, y)
 
         block_kw = dict(
             hidden_size=dim,

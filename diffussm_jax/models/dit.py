@@ -249,14 +249,11 @@ class DiT(nn.Module):
             raise ValueError(f"y has shape {y.shape}; expected ({batch},), one label per example.")
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, t: jax.Array, y: jax.Array | None, train: bool = False
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> jax.Array:
         """x: (B, H, W, C), t: (B,) float or int timesteps, y: (B,) int or None -> (B, H, W, C_out).
 
-        y = None (or num_classes = 0) means unconditional: the null label is used. With train=True
-        labels are dropped to the null label with probability class_dropout_prob, which needs the
-        'label_dropout' rng.
+        y = None (or num_classes = 0) means unconditional: the null label is used. Training drops
+        labels to it with probability class_dropout_prob before the call (`layers.drop_labels`).
         """
         self._check_inputs(x, t, y)
         grid_size = self.input_size // self.patch_size
@@ -273,13 +270,12 @@ class DiT(nn.Module):
         c = Conditioning(
             self.num_classes,
             self.hidden_size,
-            self.class_dropout_prob,
             label_init_std=self.label_init_std,
             timestep_init_std=self.timestep_init_std,
             timestep_scale=self.timestep_scale,
             name="conditioning",
             **kw,
-        )(t, y, train)  # (B, D)
+        )(t, y)  # (B, D)
 
         policy = remat_policy(self.remat)
         if policy == "ssm_only":

@@ -219,26 +219,30 @@ class TimestepEmbedder(nn.Module):
         return Dense(self.hidden_size, axes=("hidden", "embed"), name="mlp_out", **kw)(h)
 
 
-class LabelEmbedder(nn.Module):
-    """y (B,) int -> (B, D). Row `num_classes` is the null label used by classifier-free guidance.
+def drop_labels(rng: jax.Array, labels: jax.Array, prob: float, null_label: int) -> jax.Array:
+    """Classifier-free guidance training: each label (B,) becomes `null_label` with probability
+    `prob`, independently. The one place labels are dropped (the train step calls it once per
+    global batch, so micro-batches see the same drops as one big batch)."""
+    drop = jax.random.bernoulli(rng, prob, labels.shape)
+    return jnp.where(drop, null_label, labels)
 
-    In training, labels are replaced by the null label with probability `dropout_prob`
-    (needs the 'label_dropout' rng). The table is normal(init_std): 0.02 is DiT's init; see
-    `Conditioning` for why a small model trained briefly wants 1.0.
+
+class LabelEmbedder(nn.Module):
+    """y (B,) int -> (B, D). Row `num_classes` is the null label used by classifier-free guidance
+    (`drop_labels` puts it in training).
+
+    The table is normal(init_std): 0.02 is DiT's init; see `Conditioning` for why a small model
+    trained briefly wants 1.0.
     """
 
     num_classes: int
     hidden_size: int
-    dropout_prob: float = 0.1
     init_std: float = 0.02
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, y: jax.Array, train: bool) -> jax.Array:
-        if train and self.dropout_prob > 0:
-            drop = jax.random.bernoulli(self.make_rng("label_dropout"), self.dropout_prob, y.shape)
-            y = jnp.where(drop, self.num_classes, y)
+    def __call__(self, y: jax.Array) -> jax.Array:
         table = self.param(
             "embedding",
             partitioned(nn.initializers.normal(stddev=self.init_std), ("vocab", "embed")),
@@ -263,7 +267,6 @@ class Conditioning(nn.Module):
 
     num_classes: int
     hidden_size: int
-    class_dropout_prob: float = 0.1
     label_init_std: float = 0.02
     timestep_init_std: float = 0.02
     timestep_scale: float = 1.0
@@ -271,7 +274,7 @@ class Conditioning(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, t: jax.Array, y: jax.Array | None, train: bool) -> jax.Array:
+    def __call__(self, t: jax.Array, y: jax.Array | None) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.timestep_scale != 1.0:  # static: the Gaussian path stays bit-identical
             t = t.astype(jnp.float32) * self.timestep_scale
@@ -284,11 +287,10 @@ class Conditioning(nn.Module):
             c = c + LabelEmbedder(
                 self.num_classes,
                 self.hidden_size,
-                self.class_dropout_prob,
                 init_std=self.label_init_std,
                 name="y_embedder",
                 **kw,
-            )(y, train)
+            )(y)
         return c
 
 

@@ -96,7 +96,7 @@ def create_data_iterator(
         seed=config.seed,
         image_key=config.data.image_key,
         label_key=config.data.label_key,
-        image_size=config.data.center_crop,
+        center_crop=config.data.center_crop,
         random_flip=config.data.random_flip,
         worker_count=config.data.worker_count,
     )

@@ -198,7 +198,7 @@ def init_variables(model: nn.Module, rng: jax.Array) -> Any:
     x, t, y = (
         jnp.zeros(spec.shape, spec.dtype) for spec in models.example_inputs(model, batch_size=1)
     )
-    return model.init({"params": rng}, x, t, y, train=False)["params"]
+    return model.init({"params": rng}, x, t, y)["params"]
 
 
 def _create_boxed_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation):

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from diffussm_jax import diffusion as diffusion_lib
 from diffussm_jax import parallel
+from diffussm_jax.models import layers
 from diffussm_jax.training import train_state
 from diffussm_jax.training.train_state import TrainState
 
@@ -67,9 +68,10 @@ def draw_randomness(rng: jax.Array, batch: Batch, diffusion, model: nn.Module) -
         "noise": jax.random.normal(noise_rng, images.shape, jnp.float32),
     }
     if "label" in batch and model.class_dropout_prob > 0:
-        # Classifier-free guidance training: replace labels by the null label (num_classes).
-        drop = jax.random.bernoulli(dropout_rng, model.class_dropout_prob, batch["label"].shape)
-        out["label"] = jnp.where(drop, model.num_classes, batch["label"])
+        # Classifier-free guidance training: the null label (num_classes) replaces some labels.
+        out["label"] = layers.drop_labels(
+            dropout_rng, batch["label"], model.class_dropout_prob, model.num_classes
+        )
     return out
 
 
@@ -78,7 +80,7 @@ def _loss_and_grads(params, model, diffusion, batch: Batch):
 
     def loss_fn(params):
         def model_fn(x, t, y):
-            return model.apply({"params": params}, x, t, y, train=False)
+            return model.apply({"params": params}, x, t, y)
 
         terms = diffusion_lib.training_losses(
             model_fn, diffusion, batch["image"], batch["t"], batch["noise"], batch.get("label")
