@@ -6,8 +6,8 @@ import json
 import pytest
 
 from configs import base, quickstart
-from diffussm_jax import models
-from diffussm_jax.training import sample_workdir, train_state
+from diffussm_jax import inference, models
+from diffussm_jax.training import train_state
 
 CONFIGS = ["quickstart", "imagenet256", "imagenet512", "lsun"]
 REQUIRED = [
@@ -104,7 +104,7 @@ def test_a_config_saved_before_the_model_block_builds_the_same_model(tmp_path):
     del old["precision"]
     old["dtype"] = "float32"
     (tmp_path / "config.json").write_text(json.dumps(old))
-    saved = sample_workdir.load_config(str(tmp_path))
+    saved = inference.load_config(str(tmp_path))
     assert saved.model_name == "DiffuSSM-S" and "model_overrides" not in saved
     assert saved.model.ssm.state_size == 8 and saved.model.learn_sigma is False
     assert train_state.build_model(saved) == train_state.build_model(config)

@@ -219,8 +219,7 @@ def test_runs_saved_before_the_process_fields_stay_gaussian():
     saved = json.loads(smoke_config().to_json())
     for name in ("process", "prediction", "loss_weighting", "min_snr_gamma", "t_sampling"):
         del saved["diffusion"][name]
-    old = ml_collections.ConfigDict(saved)
-    old.lock()
+    old = train_state.upgrade_saved_config(ml_collections.ConfigDict(saved))
     diffusion = training.create_diffusion(old)
     assert isinstance(diffusion, diffusion_lib.Diffusion) and diffusion.prediction == "eps"
     assert train_state.build_model(old).timestep_scale == 1.0

@@ -17,7 +17,6 @@ import numpy as np
 
 from diffussm_jax import console, data, evaluation, files, sampling, training
 from diffussm_jax.inference import restore
-from diffussm_jax.training import train_state
 
 
 def sample_to_npz(
@@ -89,7 +88,7 @@ def sample_to_npz(
         meta = dict(
             model=config.model_name,
             step=step,
-            process=train_state.process_name(config),
+            process=config.diffusion.process,
             **settings,
             seed=seed,
             vae=None if decoder is None else (vae_path or config.vae.path),

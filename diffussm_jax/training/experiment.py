@@ -14,7 +14,6 @@ latent dataset, the sampler settings) live here too.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any
 
@@ -30,21 +29,6 @@ from diffussm_jax.training import train_state, train_step
 
 PROCESSES = ("gaussian", "flow")
 
-# Fields added with the flow process and the prediction options, and their values in runs saved
-# before they existed (the paper's recipe); for "process" see `train_state.process_name`.
-_DIFFUSION_DEFAULTS = {
-    "prediction": "eps",
-    "loss_weighting": "none",
-    "min_snr_gamma": 5.0,
-    "t_sampling": "uniform",
-    "logit_mean": 0.0,
-    "logit_std": 1.0,
-}
-
-
-def _diffusion_setting(config: ml_collections.ConfigDict, name: str):
-    return config.diffusion.get(name, _DIFFUSION_DEFAULTS[name])
-
 
 def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process:
     """The process `config.diffusion` describes: Gaussian (`diffusion.create`) or flow.
@@ -53,8 +37,8 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
       ValueError: an unknown process, or settings that do not fit it, listing every override
         that would fix the config.
     """
-    process = train_state.process_name(config)
-    setting = functools.partial(_diffusion_setting, config)
+    settings = config.diffusion
+    process = settings.process
     if process not in PROCESSES:
         raise ValueError(
             f"config.diffusion.process={process!r}; choose one of {PROCESSES} (docs/objectives.md)."
@@ -67,9 +51,9 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
             fixes.append("--config.model.learn_sigma=False (there is no variance to learn)")
         if config.diffusion.loss != "mse":
             fixes.append(f"--config.diffusion.loss=mse (not {config.diffusion.loss!r})")
-        if setting("prediction") != "eps":
+        if settings.prediction != "eps":
             fixes.append("--config.diffusion.prediction=eps (a flow network predicts eps - x_0)")
-        if setting("loss_weighting") != "none":
+        if settings.loss_weighting != "none":
             fixes.append("--config.diffusion.loss_weighting=none (min-SNR is Gaussian only)")
         if fixes:
             raise ValueError(
@@ -77,13 +61,13 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
                 f"needs {'; '.join(fixes)}."
             )
         return diffusion_lib.create_flow(
-            t_sampling=setting("t_sampling"),
-            logit_mean=setting("logit_mean"),
-            logit_std=setting("logit_std"),
+            t_sampling=settings.t_sampling,
+            logit_mean=settings.logit_mean,
+            logit_std=settings.logit_std,
         )
-    if setting("t_sampling") != "uniform":
+    if settings.t_sampling != "uniform":
         raise ValueError(
-            f"config.diffusion.t_sampling={setting('t_sampling')!r} draws flow times; the "
+            f"config.diffusion.t_sampling={settings.t_sampling!r} draws flow times; the "
             "Gaussian process draws its integer steps uniformly. Set "
             "--config.diffusion.process=flow, or --config.diffusion.t_sampling=uniform."
         )
@@ -92,9 +76,9 @@ def create_diffusion(config: ml_collections.ConfigDict) -> diffusion_lib.Process
         schedule=config.diffusion.schedule,
         learn_sigma=config.model.learn_sigma,
         loss=config.diffusion.loss,
-        prediction=setting("prediction"),
-        loss_weighting=setting("loss_weighting"),
-        min_snr_gamma=setting("min_snr_gamma"),
+        prediction=settings.prediction,
+        loss_weighting=settings.loss_weighting,
+        min_snr_gamma=settings.min_snr_gamma,
     )
 
 
@@ -103,15 +87,14 @@ def check_samplers(config: ml_collections.ConfigDict, diffusion: diffusion_lib.P
     `diffusion` (`config.sampling.sampler`, and `config.eval.sampler` when set).
     """
     fields = {"sampling.sampler": config.sampling.sampler}
-    eval_config = config.get("eval")
-    if eval_config is not None and eval_config.sampler:
-        fields["eval.sampler"] = eval_config.sampler
+    if config.eval.sampler:
+        fields["eval.sampler"] = config.eval.sampler
     valid = diffusion_lib.samplers_for(diffusion)
     for field, sampler in fields.items():
         if sampler not in valid:
             raise ValueError(
                 f"config.{field}={sampler!r} cannot sample config.diffusion.process="
-                f"{train_state.process_name(config)!r}; set --config.{field} to one of "
+                f"{config.diffusion.process!r}; set --config.{field} to one of "
                 f"{valid}."
             )
 
@@ -142,7 +125,7 @@ def clip_denoised_for(config: ml_collections.ConfigDict) -> bool:
     no such amplification; unset gives False, and True is an error rather than ignored.
     """
     clip = config.sampling.get("clip_denoised")
-    if train_state.process_name(config) == "flow":
+    if config.diffusion.process == "flow":
         if clip:
             raise ValueError(
                 "config.sampling.clip_denoised=True: the flow samplers do not clip x_0; unset it "
@@ -165,8 +148,7 @@ def latent_decoder(
     """
     if not config.data.latent_scale:
         return None
-    vae_config = config.get("vae")  # runs from before the field existed have none
-    vae_path = vae_path or (vae_config.path if vae_config is not None else None)
+    vae_path = vae_path or config.vae.path
     if not vae_path:
         raise ValueError(
             f"Dataset {config.data.name!r} holds VAE latents (data.latent_scale="

@@ -156,8 +156,8 @@ class SampleQualityHook:
             Inception and reference paths set, or neither for a dataset other than the digits).
         """
         config = experiment.config
-        eval_config = config.get("eval")
-        if eval_config is None or not eval_config.fid_every_steps:
+        eval_config = config.eval
+        if not eval_config.fid_every_steps:
             return None
         inception_path, reference_path = eval_config.inception_path, eval_config.reference_path
         if inception_path and reference_path:

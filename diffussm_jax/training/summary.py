@@ -31,12 +31,12 @@ def _set_fields(block: ml_collections.ConfigDict, prefix: str = "") -> dict:
 
 def _describe_diffusion(config: ml_collections.ConfigDict) -> str:
     diffusion = config.diffusion
-    if diffusion.get("process", "gaussian") == "flow":
-        return f"flow matching (t {diffusion.get('t_sampling', 'uniform')})"
-    weighting = diffusion.get("loss_weighting", "none")
+    if diffusion.process == "flow":
+        return f"flow matching (t {diffusion.t_sampling})"
+    weighting = diffusion.loss_weighting
     return (
         f"gaussian diffusion: {diffusion.num_timesteps} {diffusion.schedule} steps, "
-        f"{diffusion.get('prediction', 'eps')} prediction, {diffusion.loss} loss"
+        f"{diffusion.prediction} prediction, {diffusion.loss} loss"
         + ("" if weighting == "none" else f", {weighting} weighting")
     )
 

@@ -30,11 +30,6 @@ class TrainState:
 FLOW_TIMESTEP_SCALE = 1000.0
 
 
-def process_name(config: ml_collections.ConfigDict) -> str:
-    """`config.diffusion.process`; runs saved before the field existed are "gaussian"."""
-    return config.diffusion.get("process", "gaussian")
-
-
 # Config fields that moved, old dotted path -> new one. A command-line override of an old path
 # fails naming the new one (launch.cli); a config saved with a run before the move (its
 # config.json) is read with its values moved (`upgrade_saved_config`). "model", the registry
@@ -68,9 +63,27 @@ MOVED_FIELDS: dict[str, str] = {
 }
 
 
+# Config fields added after runs were saved without them, with the values those runs used (the
+# paper's recipe, no VAE, no in-training evaluation); `upgrade_saved_config` fills them in.
+ADDED_FIELDS: dict[str, Any] = {
+    "diffusion.process": "gaussian",
+    "diffusion.prediction": "eps",
+    "diffusion.loss_weighting": "none",
+    "diffusion.min_snr_gamma": 5.0,
+    "diffusion.t_sampling": "uniform",
+    "diffusion.logit_mean": 0.0,
+    "diffusion.logit_std": 1.0,
+    "vae.path": None,
+    "eval.fid_every_steps": 0,
+    "eval.sampler": None,
+}
+
+
 def upgrade_saved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A run's saved config in the current layout (locked): each old field of `MOVED_FIELDS`
-    that holds a value (not a block) is moved to its new path; a current config is unchanged.
+    that holds a value (not a block) is moved to its new path, and each field of `ADDED_FIELDS`
+    it lacks gets the value such runs used; a current config is unchanged. The one place that
+    knows old layouts: everything else reads the current one.
 
     E.g. {"model": "DiffuSSM-S", "model_overrides": {"state_size": 16}, "learn_sigma": False}
     becomes {"model_name": "DiffuSSM-S", "model": {"ssm": {"state_size": 16},
@@ -93,6 +106,12 @@ def upgrade_saved_config(config: ml_collections.ConfigDict) -> ml_collections.Co
         target[new_name] = value
     if tree.get("model_overrides") == {}:
         del tree["model_overrides"]
+    for path, value in ADDED_FIELDS.items():
+        *parents, name = path.split(".")
+        holder = tree
+        for key in parents:
+            holder = holder.setdefault(key, {})
+        holder.setdefault(name, value)
     upgraded = ml_collections.ConfigDict(tree)
     upgraded.lock()
     return upgraded
@@ -118,7 +137,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     Raises:
       models.ModelFieldError: `config.model` sets a field the named model lacks.
     """
-    flow = process_name(config) == "flow"
+    flow = config.diffusion.process == "flow"
     return models.create(
         config.model_name,
         input_size=config.data.image_size,
