@@ -1,4 +1,11 @@
-"""Input pipeline: tfds array_record datasets (embedded MNIST digits by default) read by grain."""
+"""Input pipeline: tfds array_record datasets (embedded MNIST digits by default) read by grain.
+
+    input_pipeline.py   grain loaders: per-process, and the topology-independent global stream
+    preprocessing.py    ADM's center crop, uint8 -> [-1, 1]
+    embedded_digits.py  the default dataset: 5000 MNIST digits shipped in a wheel, as tfds
+    latents.py          latent datasets: images -> VAE latents (`vae.codec`) -> array_record
+    synthetic.py        generated data for tests and diagnosis (the two-halves task)
+"""
 
 from diffussm_jax.data.embedded_digits import (
     CLASSIFIER_TEST_SPLIT,

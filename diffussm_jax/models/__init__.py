@@ -4,6 +4,13 @@
     out = model.apply(variables, x, t, y)           # x (B, H, W, C) -> (B, H, W, C_out)
 
 `stats(name, input_size=...)` reports parameters and forward MACs without materialising weights.
+
+    diffussm.py   the DiffuSSM block (hourglass + gated bidirectional SSM) and model
+    dit.py        the DiT baseline (patchify, adaLN-Zero attention blocks)
+    layers.py     shared layers: embedders, adaLN, Dense with logical axes, label dropout,
+                  lean-gradient GELU / LayerNorm, remat policies
+    precision.py  `Precision`: the dtypes of parameters, compute, residual stream and SSM
+The S4D layers themselves are `diffussm_jax.ssm`.
 """
 
 from __future__ import annotations
