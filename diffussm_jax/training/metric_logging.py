@@ -39,6 +39,7 @@ class MetricWriter:
         self._staging: str | None = None  # local event files of a bucket workdir
         self._tb = None
         self._tb_writes = 0
+        self._tb_files = 0  # event files this writer has started
         self._lines: list[str] | None = None
         if self.enabled:
             files.makedirs(workdir)
@@ -56,7 +57,13 @@ class MetricWriter:
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(self._staging or self._tb_dir)
+            # Event files are named by the second they start in: a numbered suffix keeps two
+            # files started within one second (a bucket workdir rotates often) from sharing
+            # a name, the second upload replacing the first.
+            self._tb = SummaryWriter(
+                self._staging or self._tb_dir, filename_suffix=f".{self._tb_files}"
+            )
+            self._tb_files += 1
             self._tb_writes = 0
         self._tb_writes += 1
         return self._tb
