@@ -1,5 +1,7 @@
 """Input pipeline: tfds array_record datasets (embedded MNIST digits by default) read by grain.
 
+Modules:
+
     input_pipeline.py   grain loaders: per-process, and the topology-independent global stream
     preprocessing.py    ADM's center crop, uint8 -> [-1, 1]
     embedded_digits.py  the default dataset: 5000 MNIST digits shipped in a wheel, as tfds

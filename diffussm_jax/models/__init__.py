@@ -5,6 +5,7 @@
 
 `stats(name, input_size=...)` reports parameters and forward MACs without materialising weights.
 
+    attention.py  the DiT baseline's self-attention (memory-lean custom VJP, XLA, cuDNN)
     diffussm.py   the DiffuSSM block (hourglass + gated bidirectional SSM) and model
     dit.py        the DiT baseline (patchify, adaLN-Zero attention blocks)
     layers.py     shared layers: embedders, adaLN, Dense with logical axes, label dropout,

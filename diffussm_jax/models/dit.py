@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffussm_jax.models.attention import self_attention
 from diffussm_jax.models.layers import (
     LAYERS_AXIS,
     AdaLNModulation,
@@ -73,41 +74,12 @@ def unpatchify(x: jax.Array, patch_size: int, grid_size: int) -> jax.Array:
     return x.reshape(batch, grid_size * p, grid_size * p, channels)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-
-
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto"
-) -> jax.Array:
-    """Softmax attention. q, k, v: (B, T, heads, head_dim) -> (B, T, heads, head_dim).
-
-    `jax.nn.dot_product_attention`: "cudnn" is cuDNN's fused (flash) attention, "xla" the
-    plain one, "auto" cuDNN where it runs (an NVIDIA GPU, bfloat16 or float16 inputs and a
-    head size it supports) and XLA elsewhere. Both accumulate the logits and take the softmax
-    in float32 whatever the input dtype: softmax exponentiates logit differences, so
-    bfloat16's 8-bit mantissa would turn rounding into visible weight errors.
-    """
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention implementation {implementation!r}; choose one of "
-            f"{ATTENTION_IMPLEMENTATIONS}."
-        )
-    if implementation == "auto":
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # cuDNN missing or this shape unsupported: XLA's works everywhere
-        implementation = "xla"
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-
-
 class Attention(nn.Module):
     """Multi-head self attention with biased qkv and output projections (timm's Attention)."""
 
     hidden_size: int
     num_heads: int
-    implementation: str = "auto"  # see dot_product_attention
+    implementation: str = "auto"  # see models.attention
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -121,10 +93,7 @@ class Attention(nn.Module):
         # its outputs are laid out (q/k/v, head, head_dim) like timm's, so reference weights fit.
         qkv = Dense(3 * self.hidden_size, axes=("embed", "hidden"), name="qkv", **kw)(x)
         qkv = qkv.reshape(batch, length, 3, self.num_heads, head_dim)
-        out = dot_product_attention(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.implementation
-        )
-        out = out.reshape(batch, length, self.hidden_size)
+        out = self_attention(qkv, self.implementation).reshape(batch, length, self.hidden_size)
         return Dense(self.hidden_size, axes=("hidden", "embed"), name="proj", **kw)(out)
 
 
@@ -151,7 +120,7 @@ class DiTBlock(nn.Module):
     hidden_size: int
     num_heads: int
     mlp_ratio: float = 4.0
-    attention: str = "auto"  # see dot_product_attention
+    attention: str = "auto"  # see models.attention
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -204,7 +173,7 @@ class DiT(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     residual_dtype: Dtype = jnp.float32
-    attention: str = "auto"  # "auto" (cuDNN where it runs, else XLA), "xla" or "cudnn"
+    attention: str = "auto"  # models.attention: "auto", "custom_vjp", "xla" or "cudnn"
     remat: bool | str = False  # see layers.REMAT_POLICIES
     scan_layers: bool = True
 
