@@ -13,21 +13,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cpu_peer_bench
 
-from diffussm_jax import models
-
 
 def main(rounds: int = 5, calls: int = 2) -> None:
-    create = models.create
     steps = {}
     for implementation in ("xla", "custom_vjp"):
-        models.create = lambda *a, _i=implementation, **k: create(*a, attention=_i, **k)
-        steps[implementation] = cpu_peer_bench.jax_step("DiT-S/2", 8, 32, 4, False)
-        steps[implementation]()  # compile
-    models.create = create
+        step = cpu_peer_bench.jax_step("DiT-S/2", 8, 32, 4, False, attention=implementation)
+        step()  # compile
+        steps[implementation] = step
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():

@@ -119,7 +119,8 @@ def torch_step(batch: int, size: int, channels: int, dims: dict):
 # ----------------------------------------------------------------------------- our models
 
 
-def jax_step(name: str, batch: int, size: int, channels: int, scan_layers: bool):
+def jax_step(name: str, batch: int, size: int, channels: int, scan_layers: bool, **model_options):
+    """One train step of our model `name`; `model_options` go to `models.create`."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -128,7 +129,12 @@ def jax_step(name: str, batch: int, size: int, channels: int, scan_layers: bool)
     from diffussm_jax import models
 
     model = models.create(
-        name, input_size=size, in_channels=channels, num_classes=1000, scan_layers=scan_layers
+        name,
+        input_size=size,
+        in_channels=channels,
+        num_classes=1000,
+        scan_layers=scan_layers,
+        **model_options,
     )
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, channels)), jnp.float32)
