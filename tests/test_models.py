@@ -368,6 +368,29 @@ def test_layer_norm_gradient_is_exact_in_float64():
         np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "spec,x_shape,kernel_shape",
+    [
+        ("...i,io->...o", (5, 48), (48, 24)),
+        ("...i,io->...o", (2, 3, 7, 48), (48, 24)),
+        ("...i,imo->...mo", (4, 6, 48), (48, 2, 16)),  # Wup's (in, M, out) kernel
+    ],
+)
+def test_dense_dot_matches_einsum_in_float64(spec, x_shape, kernel_shape):
+    """The 2-D folded matmul gives the einsum's values and both gradients."""
+    rng = np.random.default_rng(0)
+    with jax.enable_x64():
+        x = jnp.asarray(rng.normal(size=x_shape))
+        kernel = jnp.asarray(rng.normal(size=kernel_shape))
+        y, vjp = jax.vjp(layers.dense_dot, x, kernel)
+        y_ref, vjp_ref = jax.vjp(functools.partial(jnp.einsum, spec), x, kernel)
+        assert y.shape == y_ref.shape == (*x_shape[:-1], *kernel_shape[1:])
+        g = jnp.asarray(rng.normal(size=y.shape))
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(vjp(g), vjp_ref(g), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def per_example_residual_bytes(block, x, c):
     """Bytes per example that a block's backward pass keeps (the per-example leaves of the
     vjp closure; shapes only, nothing computed)."""

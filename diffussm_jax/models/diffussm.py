@@ -72,7 +72,7 @@ class SubpositionDense(nn.Module):
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if self.shared_input:
-            return jnp.einsum("...i,imo->...mo", x, kernel) + bias
+            return layers.dense_dot(x, kernel) + bias
         bias = bias.reshape(m, *(1,) * (x.ndim - 2), n_out)
         return jnp.einsum("m...i,mio->m...o", x, kernel) + bias
 

@@ -61,7 +61,20 @@ class Dense(nn.Module):
             "bias", partitioned(self.bias_init, self.axes[1:]), (self.features,), self.param_dtype
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return jnp.dot(x, kernel) + bias
+        return dense_dot(x, kernel) + bias
+
+
+def dense_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x (..., in) . kernel (in, *out) -> (..., *out), computed as one 2-D matmul.
+
+    Folding the leading axes into rows before the dot (a free reshape) gives XLA a plain
+    (rows, in) x (in, out) matmul in both passes; a dot with extra free axes on x is lowered
+    differently. On XLA:CPU, this took the DiT-S/2 train step (batch 8, 32x32x4) from 2.45 to
+    2.15 s and DiffuSSM-S's from 8.0 to 7.2 s, measured A/B in one process (docs/benchmarks).
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    out = jnp.dot(rows, kernel.reshape(kernel.shape[0], -1))
+    return out.reshape(*x.shape[:-1], *kernel.shape[1:])
 
 
 # ----------------------------------------------------------------------------- lean gradients
