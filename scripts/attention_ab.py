@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,22 +17,15 @@ import cpu_peer_bench
 
 
 def main(rounds: int = 5, calls: int = 2) -> None:
-    steps = {}
-    for implementation in ("xla", "custom_vjp"):
-        step = cpu_peer_bench.jax_step("DiT-S/2", 8, 32, 4, False, attention=implementation)
-        step()  # compile
-        steps[implementation] = step
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                step()
-            times[name].append((time.perf_counter() - start) / calls)
-    print("| attention | s/step (median) | range |\n|---|---|---|")
-    for name, seconds in times.items():
-        seconds.sort()
-        print(f"| {name} | {seconds[len(seconds) // 2]:.3f} | {seconds[0]:.3f}-{seconds[-1]:.3f} |")
+    steps = {
+        implementation: cpu_peer_bench.jax_step(
+            "DiT-S/2", 8, 32, 4, False, attention=implementation
+        )
+        for implementation in ("xla", "custom_vjp")
+    }
+    cpu_peer_bench.print_ab_table(
+        "attention", cpu_peer_bench.interleaved_times(steps, rounds, calls)
+    )
 
 
 if __name__ == "__main__":

@@ -182,6 +182,32 @@ def dense_gflop_per_step(name: str, batch: int, size: int, channels: int) -> flo
 # ----------------------------------------------------------------------------- timing
 
 
+def interleaved_times(steps: dict, rounds: int, calls: int) -> dict[str, list[float]]:
+    """Seconds per step of each named step, from `rounds` rounds that each time `calls` steps
+    of every one in turn (after two untimed warm-up steps each), so that the machine's load
+    falls on all of them alike. Odd rounds go in reverse order, so that no step always runs
+    first or last."""
+    for step in steps.values():
+        step()
+        step()
+    times = {name: [] for name in steps}
+    for round_ in range(rounds):
+        for name, step in list(steps.items())[:: -1 if round_ % 2 else 1]:
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def print_ab_table(label: str, times: dict[str, list[float]]) -> None:
+    print(f"| {label} | s/step (median) | range |\n|---|---|---|")
+    for name, seconds in times.items():
+        print(
+            f"| {name} | {statistics.median(seconds):.3f} | {min(seconds):.3f}-{max(seconds):.3f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="DiT-S/2,DiffuSSM-S", help="our registry names")
@@ -209,16 +235,7 @@ def main() -> None:
     for name in args.models.split(","):
         steps[name] = jax_step(name, args.batch, args.size, channels, args.scan_layers)
         gflop[name] = dense_gflop_per_step(name, args.batch, args.size, channels)
-    for step in steps.values():  # compile and warm up
-        step()
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                step()
-            times[name].append((time.perf_counter() - start) / args.calls)
+    times = interleaved_times(steps, args.rounds, args.calls)
     peer = "PyTorch DiT-S/2 (peer)"
     peer_rate = args.batch / statistics.median(times[peer])
     peer_flops = gflop[peer] / statistics.median(times[peer])

@@ -69,8 +69,8 @@ def dense_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     Folding the leading axes into rows before the dot (a free reshape) gives XLA a plain
     (rows, in) x (in, out) matmul in both passes; a dot with extra free axes on x is lowered
-    differently. On XLA:CPU, this took the DiT-S/2 train step (batch 8, 32x32x4) from 2.45 to
-    2.15 s and DiffuSSM-S's from 8.0 to 7.2 s, measured A/B in one process (docs/benchmarks).
+    differently. On XLA:CPU it took the DiT-S/2 train step (batch 8, 32x32x4) from 2.36 to
+    2.17 s; DiffuSSM-S's did not change (scripts/dense_ab.py, docs/benchmarks).
     """
     rows = x.reshape(-1, x.shape[-1])
     out = jnp.dot(rows, kernel.reshape(kernel.shape[0], -1))
