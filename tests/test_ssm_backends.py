@@ -98,6 +98,51 @@ def test_factored_kernel_equals_vandermonde(length):
         np.testing.assert_allclose(grouped, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("count,stride", [(1, 1), (5, 1), (32, 1), (33, 32)])
+def test_powers_by_squaring_equal_exponentials_with_their_derivative(count, stride):
+    """dA^(stride k) by products of squarings, and its JVP and VJP, against exp(stride k log dA)
+    differentiated by JAX, in float64."""
+    log_dt, a, _, _ = random_params(count, channels=3)
+    with enable_x64():
+        log_da = jnp.exp(jnp.asarray(log_dt))[:, None] * jnp.asarray(a)
+
+        def reference(z):
+            return jnp.exp(z[:, :, None] * (stride * jnp.arange(count)))
+
+        def powers(z):
+            return ssm._powers(z, count, stride)
+
+        np.testing.assert_allclose(powers(log_da), reference(log_da), rtol=1e-12, atol=1e-14)
+        rng = np.random.default_rng(count)
+        tangent = jnp.asarray(rng.normal(size=log_da.shape) + 1j * rng.normal(size=log_da.shape))
+        _, jvp = jax.jvp(powers, (log_da,), (tangent,))
+        _, jvp_ref = jax.jvp(reference, (log_da,), (tangent,))
+        np.testing.assert_allclose(jvp, jvp_ref, rtol=1e-11, atol=1e-13)
+        shape = (*log_da.shape, count)
+        cotangent = jnp.asarray(rng.normal(size=shape) + 1j * rng.normal(size=shape))
+        (vjp,) = jax.vjp(powers, log_da)[1](cotangent)
+        (vjp_ref,) = jax.vjp(reference, log_da)[1](cotangent)
+        np.testing.assert_allclose(vjp, vjp_ref, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("length", [7, 1000])
+def test_factored_kernel_gradient_equals_vandermonde_gradient(length):
+    log_dt, a, c, _ = random_params(length, channels=4)
+    weights = np.random.default_rng(1).normal(size=(4, length))
+    with enable_x64():
+        args = tuple(map(jnp.asarray, (log_dt, a, c)))
+
+        def loss(kernel_fn, *args):
+            return jnp.sum(jnp.asarray(weights) * kernel_fn(*args, length))
+
+        grads = jax.grad(functools.partial(loss, ssm.s4d_kernel), argnums=(0, 1, 2))(*args)
+        expected = jax.grad(functools.partial(loss, ssm.vandermonde_kernel), argnums=(0, 1, 2))(
+            *args
+        )
+        for got, want in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_fft_size():
     sizes = [ssm.fft_size(n) for n in (1, 2, 3, 7, 199, 513, 2047, 4095, 4607, 18431)]
     assert sizes == [1, 2, 3, 8, 240, 576, 2048, 4096, 4608, 18432]
