@@ -11,13 +11,13 @@ powers had before: one complex exponential (exp, cos, sin) per element.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffussm_jax import ssm
+from diffussm_jax.benchmarks import measure
 
 SHAPES = {"DiffuSSM-S, 32x32": (768, 1024), "DiffuSSM-XL, 256 px": (2304, 1024)}
 STATE = 64
@@ -31,14 +31,8 @@ def weighted_sum(weights, log_dt, a, c):
     return jnp.sum(weights * ssm.s4d_kernel(log_dt, a, c, weights.shape[1]))
 
 
-def median_ms(fn, *args, calls: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+def median_ms(fn, *args) -> float:
+    return 1e3 * measure.time_calls(fn, args, repeats=10)["median_seconds"]
 
 
 def main() -> None:
@@ -47,14 +41,16 @@ def main() -> None:
     for label, (channels, length) in SHAPES.items():
         rng = np.random.default_rng(0)
         log_dt = jnp.asarray(rng.uniform(np.log(1e-3), np.log(1e-1), channels), jnp.float32)
-        a = jnp.asarray(np.broadcast_to(ssm.s4d_eigenvalues(STATE), (channels, STATE // 2)))
+        a = jnp.asarray(
+            np.broadcast_to(ssm.s4d_eigenvalues(STATE), (channels, STATE // 2)), jnp.complex64
+        )
         c = jnp.asarray(rng.normal(size=a.shape) + 1j * rng.normal(size=a.shape), jnp.complex64)
         weights = jnp.asarray(rng.normal(size=(channels, length)), jnp.float32)
         for name, powers in (("exp", exp_powers), ("squaring", squaring)):
             ssm._powers = powers  # looked up when the functions below are traced
             forward = jax.jit(functools.partial(ssm.s4d_kernel, length=length))
             gradient = jax.jit(jax.grad(functools.partial(weighted_sum, weights), (0, 1, 2)))
-            args = (log_dt, a.astype(jnp.complex64), c)
+            args = (log_dt, a, c)
             print(
                 f"| {label} | {name} | {median_ms(forward, *args):.1f} "
                 f"| {median_ms(gradient, *args):.1f} |"
