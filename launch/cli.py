@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from diffussm_jax.parallel import host_allocator
 from diffussm_jax.training import train_state
 
 USAGE_EXIT_STATUS = 2
@@ -34,7 +35,12 @@ def run(main: Callable[[list[str]], None], user_errors: tuple[type, ...] = ()) -
 
     `user_errors`: exception types that `main` raises for a mistake in its flags (e.g. a
     checkpoint step that does not exist); they end like a parse error, with their message.
+
+    On a CPU-only installation the program first re-executes itself once with glibc's malloc
+    set to keep freed memory (`host_allocator.retain_freed_memory`): large buffers otherwise
+    cost the kernel a page fault per 4 KiB page on every step.
     """
+    host_allocator.retain_freed_memory()
 
     def checked_main(argv: list[str]) -> None:
         try:

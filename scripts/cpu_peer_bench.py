@@ -221,7 +221,9 @@ def main() -> None:
         help="nn.scan over our layers (off: unrolled, faster on XLA:CPU, as configs/quickstart.py)",
     )
     args = parser.parse_args()
+    from diffussm_jax.parallel import host_allocator
 
+    host_allocator.retain_freed_memory()  # both frameworks allocate with glibc's malloc
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -244,7 +246,7 @@ def main() -> None:
         f"AdamW + MSE; our layers {'scanned' if args.scan_layers else 'unrolled'}; "
         f"{args.rounds} interleaved rounds of {args.calls} steps; "
         f"torch {torch.__version__}, {os.cpu_count()} CPU cores, 1-min load at the end "
-        f"{os.getloadavg()[0]:.2f}\n"
+        f"{os.getloadavg()[0]:.2f}; host malloc: {host_allocator.describe()}\n"
     )
     print(
         "| model | s/step (median) | img/s (median) | img/s range | dense GFLOP/step "
