@@ -11,7 +11,7 @@ L = 256 pixels that the SSM runs over in full (no patchify; the hourglass groups
         --config.model.ssm.backend=chunked --workdir=runs/wide   # single model fields
 
 Sized for 2 CPU cores: `bash scripts/quickstart.sh` trains 800 steps (51K images) in about
-5 minutes, and a sample grid every 200 steps shows the digits appear (docs/quickstart.md).
+4 minutes, and a sample grid every 200 steps shows the digits appear (docs/quickstart.md).
 
 The recipe departs from the paper's (DiT's) in six places, each measured in docs/quickstart.md:
 a label table initialised at unit scale (DiT's 0.02 leaves the class unlearnt for hundreds of
