@@ -7,6 +7,7 @@ import os
 import jax
 
 from diffussm_jax.benchmarks.options import Options
+from diffussm_jax.parallel import host_allocator
 
 # Dense bf16 peak (FLOP/s, no sparsity) of accelerators whose MFU is usually quoted against it.
 # Matched by substring of jax's device_kind; the measured matmul rate is reported regardless.
@@ -14,9 +15,14 @@ NOMINAL_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100"
 
 
 def machine_description() -> str:
-    """'cpu (cpu), 2 CPU cores' / 'gpu (NVIDIA H100 80GB HBM3), 16 CPU cores'; device 0 is used."""
+    """'cpu (cpu), 2 CPU cores, host malloc: freed memory retained' / 'gpu (NVIDIA H100 80GB
+    HBM3), 16 CPU cores'; device 0 is used. On CPU the host allocator's settings move step
+    times by up to 2x (parallel/host_allocator.py), so they are part of the description."""
     device = jax.devices()[0]
-    return f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores"
+    text = f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores"
+    if device.platform == "cpu":
+        text += f", host malloc: {host_allocator.describe()}"
+    return text
 
 
 def device_memory_limit() -> int | None:

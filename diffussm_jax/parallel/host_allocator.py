@@ -97,12 +97,17 @@ def retain_freed_memory() -> None:
 
 
 def describe() -> str:
-    """This process's allocator settings, for a benchmark's header."""
+    """This process's host allocator, for a benchmark's header: 'freed memory retained' (the
+    settings above), 'glibc defaults', or the user's own malloc settings."""
     if os.environ.get(MARKER) == "retained":
-        return "freed memory retained (GLIBC_TUNABLES " + TUNABLES + ")"
+        return "freed memory retained"
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     chosen = [f"{n}={os.environ[n]}" for n in _MALLOC_VARIABLES if n in os.environ]
-    return " ".join(chosen + ([f"GLIBC_TUNABLES={tunables}"] if tunables else [])) or "defaults"
+    if "glibc.malloc." in tunables:
+        chosen.append(f"GLIBC_TUNABLES={tunables}")
+    if chosen:
+        return " ".join(chosen)
+    return "glibc defaults" if _libc_is_glibc() else "the C library's defaults"
 
 
 def _libc_is_glibc() -> bool:
