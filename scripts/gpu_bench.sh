@@ -4,7 +4,9 @@
 # fft and the chunked SSM backends. For each model and resolution the largest per-device batch
 # of BATCH_SIZES that fits is used: one compile at the smallest batch predicts the memory of the
 # others (compiled memory_analysis), the chosen one is compiled, checked, and timed.
-# Prints one table; writes $OUT_DIR/throughput.{md,csv,png}.
+# Prints the table of runs and, below it, each DiffuSSM-XL row's dense FLOP/s and images/s as a
+# fraction of DiT-XL/2's at the same resolution (with DiT's fraction of the nominal bf16 peak);
+# writes $OUT_DIR/throughput.{md,csv,png}.
 #
 # Status: its 256 px part ran on one H100 (115 s for 3 configurations at batches 32,16; numbers in
 # docs/benchmarks/README.md, "On one H100"); the full command has not run yet. DiffuSSM-XL needs

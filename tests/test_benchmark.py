@@ -124,6 +124,41 @@ def test_throughput_mode(tmp_path):
         # A train step does more dense work than the forward pass it contains.
         assert float(row["images_per_s"]) > 0 and float(row["dense_gflop"]) > 0
     assert float(rows[1]["dense_gflop"]) > 2 * float(rows[0]["dense_gflop"])
+    with open(os.path.join(tmp_path, "throughput.md"), encoding="utf-8") as f:
+        assert "## DiffuSSM against DiT, same kind and resolution, same run" in f.read()
+
+
+def test_throughput_ratios_pair_each_diffussm_row_with_dit_at_its_resolution():
+    def row(model, backend, resolution, tflops, images, status="ok", kind="train", **extra):
+        return dict(
+            model=model,
+            backend=backend,
+            resolution=resolution,
+            kind=kind,
+            status=status,
+            dense_tflops=tflops,
+            images_per_s=images,
+            **extra,
+        )
+
+    rows = [
+        row("DiffuSSM-XL [fft]", "fft", 256, 120.0, 64.0),
+        row("DiffuSSM-XL [chunked]", "chunked", 256, 0.0, 0.0, status="oom"),
+        row("DiT-XL/2", "-", 256, 180.0, 256.0, mfu_nominal=0.18),
+        row("DiffuSSM-XL [fft]", "fft", 512, 90.0, 9.0),
+        row("DiT-XL/2", "-", 512, 150.0, 45.0, mfu_nominal=0.15),
+        row("DiT-XL/2", "-", 512, 1.0, 1.0, kind="forward"),  # no DiffuSSM forward to pair
+    ]
+    table = modes.throughput_ratios(rows)
+    assert [(r["model"], r["resolution"]) for r in table] == [
+        ("DiffuSSM-XL [fft]", 256),
+        ("DiffuSSM-XL [fft]", 512),
+    ]
+    assert table[0]["dense_tflops_ratio"] == pytest.approx(120 / 180)
+    assert table[0]["images_per_s_ratio"] == pytest.approx(0.25)
+    assert table[0]["baseline_mfu_nominal"] == 0.18
+    assert table[1]["dense_tflops_ratio"] == pytest.approx(0.6)
+    assert table[1]["baseline"] == "DiT-XL/2"
 
 
 def test_scaling_mode_skips_what_does_not_fit(tmp_path):

@@ -28,6 +28,7 @@ from diffussm_jax.benchmarks.modes import (
     run_ssm,
     run_throughput,
     scaling_summary,
+    throughput_ratios,
 )
 from diffussm_jax.benchmarks.options import MODES, Options, Row
 from diffussm_jax.benchmarks.report import markdown_table, write_report
@@ -42,6 +43,9 @@ def run(options: Options) -> dict[str, str]:
         rows = run_models(options)
     elif options.mode == "throughput":
         rows = run_throughput(options)
+        ratios = throughput_ratios(rows)
+        if ratios:
+            extra.append(("DiffuSSM against DiT, same kind and resolution, same run", ratios))
     elif options.mode == "scaling":
         rows = run_scaling(options)
         extra.append(

@@ -4,7 +4,8 @@ models      every registry model at 256 and 512 px (latent 32 / 64): parameters 
             GMACs (`models.stats`) beside the papers' figures. Abstract: nothing is run.
 throughput  forward and train-step (forward + backward + Adam on an MSE loss) images/s and
             achieved FLOP/s, also as a fraction of this machine's dense-matmul rate measured
-            in the same run; DiffuSSM (per backend) against DiT at equal width and depth.
+            in the same run; DiffuSSM (per backend) against DiT at equal width and depth, with
+            the ratios of the two side by side (`throughput_ratios`).
 scaling     forward and train-step time and peak memory from L = 256 to 16384 tokens, with the
             log-log growth exponent over L = 1024..16384 (`scaling_summary`).
 ssm         the SSM backends alone at L = 1024..16384, forward and backward, plus the memory
@@ -105,6 +106,37 @@ def run_throughput(options: Options) -> list[Row]:
         with_context({**m.row, "matmul_tflops": rate / 1e12}, options, m.backend, m.batch_size)
         for m in measurements
     ]
+
+
+def throughput_ratios(rows: Sequence[Row]) -> list[Row]:
+    """Each DiffuSSM row against each DiT row of the same kind and resolution, timed in the
+    same run: the ratios of their dense-matmul FLOP/s and of their images/s.
+
+    DiffuSSM does more dense work per image than DiT/2, so the two ratios answer different
+    questions: how well each turns its matmuls into speed, and which trains faster. Rows
+    that did not run ("skipped", "oom") are left out.
+    """
+    ran = [r for r in rows if r.get("status") == "ok"]
+    table = []
+    for kind in dict.fromkeys(r["kind"] for r in ran):
+        for resolution in dict.fromkeys(r["resolution"] for r in ran):
+            same = [r for r in ran if r["kind"] == kind and r["resolution"] == resolution]
+            for ours in (r for r in same if r["backend"] != "-"):
+                for dit in (r for r in same if r["backend"] == "-"):
+                    entry: Row = dict(
+                        kind=kind,
+                        resolution=resolution,
+                        model=ours["model"],
+                        baseline=dit["model"],
+                        dense_tflops=ours["dense_tflops"],
+                        baseline_dense_tflops=dit["dense_tflops"],
+                        dense_tflops_ratio=ours["dense_tflops"] / dit["dense_tflops"],
+                        images_per_s_ratio=ours["images_per_s"] / dit["images_per_s"],
+                    )
+                    if "mfu_nominal" in dit:
+                        entry["baseline_mfu_nominal"] = dit["mfu_nominal"]
+                    table.append(entry)
+    return table
 
 
 def run_scaling(options: Options) -> list[Row]:
