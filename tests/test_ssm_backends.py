@@ -11,6 +11,7 @@ import pytest
 from jax import enable_x64
 
 from diffussm_jax import models, ssm
+from diffussm_jax.ssm import kernels
 
 
 def random_params(seed: int, channels: int = 3, state_size: int = 8, init: str = "lin"):
@@ -110,7 +111,7 @@ def test_powers_by_squaring_equal_exponentials_with_their_derivative(count, stri
             return jnp.exp(z[:, :, None] * (stride * jnp.arange(count)))
 
         def powers(z):
-            return ssm._powers(z, count, stride)
+            return kernels._powers(z, count, stride)
 
         np.testing.assert_allclose(powers(log_da), reference(log_da), rtol=1e-12, atol=1e-14)
         rng = np.random.default_rng(count)
