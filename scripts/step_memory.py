@@ -14,6 +14,13 @@ the per-device batch is the same in every layout, so a layout whose figure is we
 1 x 1 one makes its devices compute other devices' examples. The last column counts XLA's
 "involuntary full rematerialization" warnings (a tensor gathered to be re-split) in both
 compiles.
+
+    python scripts/step_memory.py --depth=2 --resolution=256 --layouts=1x1 --time_steps=3
+
+`--time_steps=N` also runs the step at the larger batch N times on this machine (after one
+warm-up call, with random latents) and reports the median seconds per step: the price of a
+remat policy in time beside its memory. It needs the real train state in memory, so it is
+for trimmed models (`--depth`) and one device (layout 1 x 1).
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2**30
 
 
-def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> dict:
-    """One compile in this process (the fake devices are already set)."""
+def measure(model, depth, resolution, data, fsdp, per_device_batch, remat, time_steps=0) -> dict:
+    """One compile in this process (the fake devices are already set); with time_steps, the
+    median time of that many calls after a warm-up."""
+    import time
+
     import jax
+    import numpy as np
 
     sys.path.insert(0, REPO)
     from configs import imagenet256
@@ -50,7 +61,29 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat) -> di
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return {"temp": memory.temp_size_in_bytes, "flops": float(cost.get("flops", 0.0))}
+    result = {"temp": memory.temp_size_in_bytes, "flops": float(cost.get("flops", 0.0))}
+    if time_steps:
+        rng = np.random.default_rng(0)
+        inputs = {
+            name: jax.device_put(
+                rng.normal(size=spec.shape).astype(spec.dtype)
+                if name == "image"
+                else rng.integers(0, max(config.data.num_classes, 1), spec.shape).astype(
+                    spec.dtype
+                ),
+                spec.sharding,
+            )
+            for name, spec in batch.items()
+        }
+        state = experiment.init_state()
+        times = []
+        for _ in range(time_steps + 1):  # the first call warms up
+            start = time.perf_counter()
+            state, metrics = compiled(state, inputs)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        result["seconds"] = float(np.median(times[1:]))
+    return result
 
 
 def run_layout(args, data: int, fsdp: int) -> dict:
@@ -65,6 +98,7 @@ def run_layout(args, data: int, fsdp: int) -> dict:
             fsdp=fsdp,
             per_device_batch=per_device_batch,
             remat=args.remat,
+            time_steps=args.time_steps if per_device_batch == args.batches[-1] else 0,
         )
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={data * fsdp}"
@@ -89,6 +123,7 @@ def run_layout(args, data: int, fsdp: int) -> dict:
         "intercept": (m1["temp"] - slope * b1) / GiB,
         "flops": m2["flops"],
         "regathers": m1["regathers"] + m2["regathers"],
+        "seconds": m2.get("seconds"),
     }
 
 
@@ -102,12 +137,24 @@ def main() -> None:
     )
     parser.add_argument("--layouts", default="1x1,8x1,1x8", help="data x fsdp, comma-separated")
     parser.add_argument("--batches", default="1,2", help="two per-device batch sizes")
+    parser.add_argument(
+        "--time_steps",
+        type=int,
+        default=0,
+        help="also time this many steps at the larger batch (layout 1x1 only; module doc)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measure(**json.loads(args.worker))))
         return
     args.batches = [int(b) for b in args.batches.split(",")]
+    sys.path.insert(0, REPO)
+    from diffussm_jax.parallel import host_allocator
+
+    host_allocator.retain_freed_memory()  # the workers inherit it (timed steps: docs/benchmarks)
+    if args.time_steps and args.layouts != "1x1":
+        parser.error("--time_steps runs the step for real: use it with --layouts=1x1")
     print(
         f"{args.model}, depth {args.depth}, {args.resolution} px, remat {args.remat}, "
         f"per-device batch {args.batches[0]} and {args.batches[1]}:\n"
@@ -115,15 +162,16 @@ def main() -> None:
     print(
         "| data x fsdp | temp GiB (small batch) | temp GiB (large) | GiB per example "
         "| intercept GiB | TFLOP per device (large) | regather warnings |"
+        + (" s/step (large) |" if args.time_steps else "")
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.time_steps else ""))
     for layout in args.layouts.split(","):
         data, fsdp = (int(x) for x in layout.split("x"))
         row = run_layout(args, data, fsdp)
         print(
             f"| {row['layout']} | {row['temp_small']:.2f} | {row['temp_large']:.2f} | "
             f"{row['slope']:.3f} | {row['intercept']:.2f} | {row['flops'] / 1e12:.2f} | "
-            f"{row['regathers']} |",
+            f"{row['regathers']} |" + (f" {row['seconds']:.3f} |" if args.time_steps else ""),
             flush=True,
         )
 

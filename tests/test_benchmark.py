@@ -233,3 +233,36 @@ def test_gpu_bench_script_tiny_cpu_path(tmp_path):
         assert row["status"] == "ok" and row["precision"] == "bfloat16" and row["kind"] == "train"
         assert row["batch"] == "4"  # the largest candidate fits
         assert float(row["xla_gflop"]) > 0
+
+
+def test_step_memory_script_times_the_step_it_measures():
+    """scripts/step_memory.py --time_steps: the compiled memory of two batch sizes, and the
+    step at the larger one run for real; timing on a sharded fake-device layout is refused."""
+    script = os.path.join(REPO, "scripts", "step_memory.py")
+    common = ["--model=DiffuSSM-S", "--depth=1", "--resolution=256", "--batches=1,2"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, script, *common, "--layouts=1x1", "--time_steps=1", "--remat=full"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, _, row = result.stdout.strip().splitlines()[-3:]
+    assert header.endswith("| s/step (large) |")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "1 x 1"
+    assert float(cells[3]) > 0, "two examples need more temporaries than one"
+    assert float(cells[-1]) > 0
+    refused = subprocess.run(
+        [sys.executable, script, *common, "--layouts=1x8", "--time_steps=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "--time_steps runs the step for real: use it with --layouts=1x1" in refused.stderr
