@@ -38,14 +38,13 @@ GiB = 2**30
 def measure(model, depth, resolution, data, fsdp, per_device_batch, remat, time_steps=0) -> dict:
     """One compile in this process (the fake devices are already set); with time_steps, the
     median time of that many calls after a warm-up."""
-    import time
-
     import jax
     import numpy as np
 
     sys.path.insert(0, REPO)
     from configs import imagenet256
     from diffussm_jax import parallel, training
+    from diffussm_jax.benchmarks import measure as measure_calls
     from diffussm_jax.training import train_step
 
     devices = data * fsdp
@@ -76,13 +75,14 @@ def measure(model, depth, resolution, data, fsdp, per_device_batch, remat, time_
             for name, spec in batch.items()
         }
         state = experiment.init_state()
-        times = []
-        for _ in range(time_steps + 1):  # the first call warms up
-            start = time.perf_counter()
+
+        def step():  # the state is donated, so each call continues from the last one's
+            nonlocal state
             state, metrics = compiled(state, inputs)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        result["seconds"] = float(np.median(times[1:]))
+            return metrics
+
+        timing = measure_calls.time_calls(step, (), repeats=time_steps)
+        result["seconds"] = timing["median_seconds"]
     return result
 
 
@@ -149,12 +149,12 @@ def main() -> None:
         print(json.dumps(measure(**json.loads(args.worker))))
         return
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.time_steps and args.layouts != "1x1":
+        parser.error("--time_steps runs the step for real: use it with --layouts=1x1")
     sys.path.insert(0, REPO)
     from diffussm_jax.parallel import host_allocator
 
     host_allocator.retain_freed_memory()  # the workers inherit it (timed steps: docs/benchmarks)
-    if args.time_steps and args.layouts != "1x1":
-        parser.error("--time_steps runs the step for real: use it with --layouts=1x1")
     print(
         f"{args.model}, depth {args.depth}, {args.resolution} px, remat {args.remat}, "
         f"per-device batch {args.batches[0]} and {args.batches[1]}:\n"

@@ -211,20 +211,19 @@ def test_ssm_mode(tmp_path):
     ]
 
 
+def run_script(argv, env, timeout):
+    return subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
 def test_gpu_bench_script_tiny_cpu_path(tmp_path):
     """scripts/gpu_bench.sh --tiny: the accelerator script's code path (bf16, scanned layers,
     batch search, train step only) at toy sizes on CPU."""
     # LLVM -O0: compiles ~35% faster; this checks the code path, not its speed.
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     env = {**os.environ, "OUT_DIR": str(tmp_path), "PYTHON": sys.executable, "XLA_FLAGS": flags}
-    result = subprocess.run(
-        ["bash", os.path.join(REPO, "scripts", "gpu_bench.sh"), "--tiny"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_script(["bash", os.path.join(REPO, "scripts", "gpu_bench.sh"), "--tiny"], env, 300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| DiffuSSM [chunked] | train |" in result.stdout
     rows = read_csv(os.path.join(tmp_path, "throughput.csv"))
@@ -241,13 +240,10 @@ def test_step_memory_script_times_the_step_it_measures():
     script = os.path.join(REPO, "scripts", "step_memory.py")
     common = ["--model=DiffuSSM-S", "--depth=1", "--resolution=256", "--batches=1,2"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
+    result = run_script(
         [sys.executable, script, *common, "--layouts=1x1", "--time_steps=1", "--remat=full"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        env,
+        300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     header, _, row = result.stdout.strip().splitlines()[-3:]
@@ -256,13 +252,8 @@ def test_step_memory_script_times_the_step_it_measures():
     assert cells[0] == "1 x 1"
     assert float(cells[3]) > 0, "two examples need more temporaries than one"
     assert float(cells[-1]) > 0
-    refused = subprocess.run(
-        [sys.executable, script, *common, "--layouts=1x8", "--time_steps=1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    refused = run_script(
+        [sys.executable, script, *common, "--layouts=1x8", "--time_steps=1"], env, 120
     )
     assert refused.returncode == 2
     assert "--time_steps runs the step for real: use it with --layouts=1x1" in refused.stderr
