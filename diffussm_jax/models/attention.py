@@ -70,12 +70,19 @@ def _accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _scaled_q(qkv: jax.Array) -> jax.Array:
+    """q / sqrt(Hd), in q's dtype: the scale is applied to the (T, Hd) queries, not to the
+    (T, T) logits. On XLA:CPU a scalar times the logits inside their matmul's fusion became a
+    broadcast constant of the scores' size, (8, 4, 1024, 1024) float32 written on every step:
+    8% of the DiT p1 step (docs/benchmarks, "CPU proxies, 2026-12-07 (second host)")."""
+    return qkv[:, :, 0] * jnp.asarray(qkv.shape[-1] ** -0.5, qkv.dtype)
+
+
 def _forward(qkv: jax.Array):
     """(out (B, T, N, Hd), residuals for the backward pass)."""
     dtype, acc = qkv.dtype, _accumulation_dtype(qkv.dtype)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scale = qkv.shape[-1] ** -0.5
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=acc) * scale
+    q, k, v = _scaled_q(qkv), qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=acc)
     # p is exp of logits shifted by their row maximum (so at most 1); l its row sums.
     p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)).astype(dtype)  # (B, N, T, T)
     row_sums = jnp.sum(p, axis=-1, dtype=acc)  # (B, N, T)
@@ -93,15 +100,16 @@ def _attention(qkv: jax.Array) -> jax.Array:
 def _backward(residuals, d_out: jax.Array) -> tuple[jax.Array]:
     qkv, p, inv_sums, out = residuals
     dtype, acc = qkv.dtype, _accumulation_dtype(qkv.dtype)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scale = qkv.shape[-1] ** -0.5
+    q, k, v = _scaled_q(qkv), qkv[:, :, 1], qkv[:, :, 2]
     g = d_out.astype(acc) * inv_sums  # G = dOut / l, (B, T, N, Hd)
     delta = jnp.sum(g * out.astype(acc), axis=-1)  # (B, T, N)
     g = g.astype(dtype)
     d_v = jnp.einsum("bnqk,bqnh->bknh", p, g, preferred_element_type=acc)
     d_p = jnp.einsum("bqnh,bknh->bnqk", g, v, preferred_element_type=acc)  # G v^T
-    d_logits = (p * (d_p - jnp.swapaxes(delta, 1, 2)[..., None]) * scale).astype(dtype)
+    d_logits = (p * (d_p - jnp.swapaxes(delta, 1, 2)[..., None])).astype(dtype)
+    # The logits are (q / sqrt(Hd)) k^T: dq takes the scale on (T, Hd), dk gets it from q.
     d_q = jnp.einsum("bnqk,bknh->bqnh", d_logits, k, preferred_element_type=acc)
+    d_q = d_q * qkv.shape[-1] ** -0.5
     d_k = jnp.einsum("bnqk,bqnh->bknh", d_logits, q, preferred_element_type=acc)
     return (jnp.stack([d_q, d_k, d_v], axis=2).astype(dtype),)
 
