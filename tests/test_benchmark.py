@@ -142,9 +142,9 @@ def test_throughput_ratios_pair_each_diffussm_row_with_dit_at_its_resolution():
         )
 
     rows = [
-        row("DiffuSSM-XL [fft]", "fft", 256, 120.0, 64.0),
+        row("DiffuSSM-XL [fft]", "fft", 256, 120.0, 64.0, xla_tflops=130.0),
         row("DiffuSSM-XL [chunked]", "chunked", 256, 0.0, 0.0, status="oom"),
-        row("DiT-XL/2", "-", 256, 180.0, 256.0, mfu_nominal=0.18),
+        row("DiT-XL/2", "-", 256, 180.0, 256.0, mfu_nominal=0.18, xla_tflops=200.0),
         row("DiffuSSM-XL [fft]", "fft", 512, 90.0, 9.0),
         row("DiT-XL/2", "-", 512, 150.0, 45.0, mfu_nominal=0.15),
         row("DiT-XL/2", "-", 512, 1.0, 1.0, kind="forward"),  # no DiffuSSM forward to pair
@@ -157,6 +157,8 @@ def test_throughput_ratios_pair_each_diffussm_row_with_dit_at_its_resolution():
     assert table[0]["dense_tflops_ratio"] == pytest.approx(120 / 180)
     assert table[0]["images_per_s_ratio"] == pytest.approx(0.25)
     assert table[0]["baseline_mfu_nominal"] == 0.18
+    assert table[0]["xla_tflops_ratio"] == pytest.approx(0.65)
+    assert "xla_tflops_ratio" not in table[1]  # neither 512 px row has XLA's count
     assert table[1]["dense_tflops_ratio"] == pytest.approx(0.6)
     assert table[1]["baseline"] == "DiT-XL/2"
 
@@ -257,3 +259,38 @@ def test_step_memory_script_times_the_step_it_measures():
     )
     assert refused.returncode == 2
     assert "--time_steps runs the step for real: use it with --layouts=1x1" in refused.stderr
+
+
+def test_step_profile_script_sums_the_traced_ops_by_kind():
+    """scripts/step_profile.py: a tiny DiffuSSM [fft] step traced; its FFTs, matmuls and
+    layout ops are each found and timed, and the slowest ops are listed with their shapes."""
+    script = os.path.join(REPO, "scripts", "step_profile.py")
+    size = ["--width=16", "--depth=1", "--side=8", "--batch=2", "--steps=1", "--top=5"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = run_script([sys.executable, script, *size], env, 300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kinds = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in ("matmul", "fft", "layout", "other", "all ops"):
+            kinds[cells[0]] = float(cells[1])
+    assert set(kinds) == {"matmul", "fft", "layout", "other", "all ops"}, result.stdout
+    assert min(kinds["matmul"], kinds["fft"], kinds["layout"]) > 0, kinds
+    assert kinds["all ops"] == pytest.approx(sum(kinds.values()) - kinds["all ops"], abs=0.2)
+    assert result.stdout.count("| `") == 5  # the --top ops with their HLO shapes
+    unknown = run_script([sys.executable, script, "--model=DiT"], env, 120)
+    assert unknown.returncode == 2 and "DiT" in unknown.stderr
+
+
+def test_layout_ab_polyphase_segment_equals_the_block_in_float64():
+    """scripts/layout_ab.py --check: the polyphase, channel-major hourglass segment (its FFT
+    convolution assembled from the sub-positions' spectra) gives the block's output and
+    gradients to float64 rounding."""
+    script = os.path.join(REPO, "scripts", "layout_ab.py")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = run_script([sys.executable, script, "--check"], env, 300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    error = float(result.stdout.split("largest difference")[1])
+    assert error < 1e-10
+    bad = run_script([sys.executable, script, "--experiments=polyphase,typo"], env, 60)
+    assert bad.returncode == 2 and "unknown experiments ['typo']" in bad.stderr

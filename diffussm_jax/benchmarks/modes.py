@@ -110,10 +110,15 @@ def run_throughput(options: Options) -> list[Row]:
 
 def throughput_ratios(rows: Sequence[Row]) -> list[Row]:
     """Each DiffuSSM row against each DiT row of the same kind and resolution, timed in the
-    same run: the ratios of their dense-matmul FLOP/s and of their images/s.
+    same run: the ratios of their dense-matmul FLOP/s, of their FLOP/s by XLA's count, and of
+    their images/s.
 
-    DiffuSSM does more dense work per image than DiT/2, so the two ratios answer different
-    questions: how well each turns its matmuls into speed, and which trains faster. Rows
+    DiffuSSM does more dense work per image than DiT/2, so the ratios answer different
+    questions: how well each turns its matmuls into speed, and which trains faster. The dense
+    count leaves out what is not a matmul (DiffuSSM's FFTs, DiT's softmax); XLA's count
+    includes them at its own rates (it counts an rfft of n points as 8 n log2(n) flops, about
+    three times the usual 2.5 n log2(n)), so the two ratios bracket the FFT convolution's
+    price. Rows
     that did not run ("skipped", "oom") are left out.
     """
     ran = [r for r in rows if r.get("status") == "ok"]
@@ -133,6 +138,8 @@ def throughput_ratios(rows: Sequence[Row]) -> list[Row]:
                         dense_tflops_ratio=ours["dense_tflops"] / dit["dense_tflops"],
                         images_per_s_ratio=ours["images_per_s"] / dit["images_per_s"],
                     )
+                    if ours.get("xla_tflops") and dit.get("xla_tflops"):
+                        entry["xla_tflops_ratio"] = ours["xla_tflops"] / dit["xla_tflops"]
                     if "mfu_nominal" in dit:
                         entry["baseline_mfu_nominal"] = dit["mfu_nominal"]
                     table.append(entry)
