@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diffussm_jax import benchmarks
-from diffussm_jax.benchmarks import measure, modes
+from diffussm_jax.benchmarks import machine, measure, modes
 from diffussm_jax.benchmarks.specs import model_specs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,3 +294,13 @@ def test_layout_ab_polyphase_segment_equals_the_block_in_float64():
     assert error < 1e-10
     bad = run_script([sys.executable, script, "--experiments=polyphase,typo"], env, 60)
     assert bad.returncode == 2 and "unknown experiments ['typo']" in bad.stderr
+
+
+def test_machine_description_names_the_host_processor(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: AMD  EPYC 7B13\n\n")
+    assert machine.cpu_model(str(cpuinfo)) == "AMD EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # no model name (some ARM)
+    assert machine.cpu_model(str(cpuinfo)) is None
+    assert machine.cpu_model(str(tmp_path / "missing")) is None
+    assert machine.machine_description().startswith("cpu (cpu), ")

@@ -15,14 +15,32 @@ NOMINAL_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100"
 
 
 def machine_description() -> str:
-    """'cpu (cpu), 2 CPU cores, host malloc: freed memory retained' / 'gpu (NVIDIA H100 80GB
-    HBM3), 16 CPU cores'; device 0 is used. On CPU the host allocator's settings move step
-    times by up to 2x (parallel/host_allocator.py), so they are part of the description."""
+    """'cpu (cpu), 2 CPU cores (AMD EPYC), host malloc: freed memory retained' / 'gpu (NVIDIA
+    H100 80GB HBM3), 16 CPU cores (...)'; device 0 is used. The host's processor model is named
+    where the OS says it: two 2-core hosts differed 2-4x in matmul rate (docs/benchmarks). On
+    CPU the host allocator's settings move step times by up to 2x
+    (parallel/host_allocator.py), so they are part of the description."""
     device = jax.devices()[0]
     text = f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores"
+    model = cpu_model()
+    if model:
+        text += f" ({model})"
     if device.platform == "cpu":
         text += f", host malloc: {host_allocator.describe()}"
     return text
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The first 'model name' in Linux's cpuinfo, or None where there is none."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        return None
+    return None
 
 
 def device_memory_limit() -> int | None:
