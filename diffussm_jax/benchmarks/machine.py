@@ -16,8 +16,8 @@ NOMINAL_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100"
 
 def machine_description() -> str:
     """'cpu (cpu), 2 CPU cores (AMD EPYC), host malloc: freed memory retained' / 'gpu (NVIDIA
-    H100 80GB HBM3), 16 CPU cores (...)'; device 0 is used. The host's processor model is named
-    where the OS says it: two 2-core hosts differed 2-4x in matmul rate (docs/benchmarks). On
+    H100 80GB HBM3), 16 CPU cores (...)'; device 0 is used. The host's processor is named where
+    the OS says it: two 2-core hosts differed 3-5x in loaded matmul rate (docs/benchmarks). On
     CPU the host allocator's settings move step times by up to 2x
     (parallel/host_allocator.py), so they are part of the description."""
     device = jax.devices()[0]
