@@ -17,7 +17,7 @@ rounds:
                 segment's forward and backward alone, and the activation-sized copies XLA
                 compiles into each version are counted (`hlo_stats.layout_ops`).
 
-The results are in docs/benchmarks ("CPU proxies, 2026-12-07 (second host)").
+The results are in docs/benchmarks ("CPU proxies, 2026-12-07, second host").
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def _scaled_q(qkv: jax.Array) -> jax.Array:
     """q / sqrt(Hd), in q's dtype: the scale is applied to the (T, Hd) queries, not to the
     (T, T) logits. On XLA:CPU a scalar times the logits inside their matmul's fusion became a
     broadcast constant of the scores' size, (8, 4, 1024, 1024) float32 written on every step:
-    8% of the DiT p1 step (docs/benchmarks, "CPU proxies, 2026-12-07 (second host)")."""
+    8% of the DiT p1 step (docs/benchmarks, "CPU proxies, 2026-12-07, second host")."""
     return qkv[:, :, 0] * jnp.asarray(qkv.shape[-1] ** -0.5, qkv.dtype)
 
 
