@@ -118,8 +118,7 @@ def throughput_ratios(rows: Sequence[Row]) -> list[Row]:
     count leaves out what is not a matmul (DiffuSSM's FFTs, DiT's softmax); XLA's count
     includes them at its own rates (it counts an rfft of n points as 8 n log2(n) flops, about
     three times the usual 2.5 n log2(n)), so the two ratios bracket the FFT convolution's
-    price. Rows
-    that did not run ("skipped", "oom") are left out.
+    price. Rows that did not run ("skipped", "oom") are left out.
     """
     ran = [r for r in rows if r.get("status") == "ok"]
     table = []
