@@ -304,3 +304,70 @@ def test_machine_description_names_the_host_processor(tmp_path):
     assert machine.cpu_model(str(cpuinfo)) is None
     assert machine.cpu_model(str(tmp_path / "missing")) is None
     assert machine.machine_description().startswith("cpu (cpu), ")
+
+
+def _loaded_ratio_module():
+    import importlib.util
+
+    path = os.path.join(REPO, "scripts", "loaded_ratio.py")
+    spec = importlib.util.spec_from_file_location("loaded_ratio", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_loaded_ratio_summary_from_the_processes_csv_files(tmp_path):
+    """scripts/loaded_ratio.py: each process's throughput.csv read back, DiffuSSM's dense and
+    XLA FLOP/s against DiT's in the same process, and their spread over the processes."""
+    from diffussm_jax.benchmarks import report
+
+    script = _loaded_ratio_module()
+    entries = []
+    for name, ours, dit in (("r1_1", 0.9, 1.0), ("r1_2", 1.1, 1.0), ("r2_1", 1.5, 1.2)):
+        rows = [
+            dict(model="DiffuSSM [fft]", kind="train", resolution=256, backend="fft", seconds=1.0,
+                 images_per_s=8.0, dense_tflops=ours, xla_tflops=2 * ours, status="ok",
+                 load_1min=3.5),
+            dict(model="DiT p1", kind="train", resolution=256, backend="-", seconds=2.5,
+                 images_per_s=3.2, dense_tflops=dit, xla_tflops=dit, status="ok",
+                 load_1min=3.5),
+        ]  # fmt: skip
+        report.write_csv(str(tmp_path / f"{name}.csv"), rows)
+        entries += script.process_ratios(name, script.read_rows(str(tmp_path / f"{name}.csv")))
+    assert [e["dense_ratio"] for e in entries] == pytest.approx([0.9, 1.1, 1.25])
+    assert [e["xla_ratio"] for e in entries] == pytest.approx([1.8, 2.2, 2.5])
+    assert entries[0]["seconds"] == 1.0 and entries[0]["baseline_seconds"] == 2.5
+    (summary,) = script.summarise(entries)
+    assert summary["processes"] == 3 and summary["at_or_above_target"] == 2
+    assert (summary["dense_min"], summary["dense_median"], summary["dense_max"]) == pytest.approx(
+        (0.9, 1.1, 1.25)
+    )
+    text = script.markdown(entries, [summary], "python scripts/loaded_ratio.py")
+    assert "| 90.0% / 110.0% / 125.0% |" in text and "| 2 of 3 |" in text
+
+
+def test_loaded_ratio_script_runs_concurrent_benchmarks(tmp_path):
+    """A tiny round of two concurrent benchmark processes end to end; flags after `--` reach
+    every process; bad arguments and a benchmark's usage error end with status 2."""
+    script = os.path.join(REPO, "scripts", "loaded_ratio.py")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    tiny = ["--width=16", "--depth=1", "--input_sizes=8", "--batch_sizes=2", "--repeats=1"]
+    out = tmp_path / "out"
+    result = run_script(
+        [sys.executable, script, "--rounds=1", f"--out_dir={out}", "--", *tiny], env, 600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    text = (out / "loaded_ratio.md").read_text()
+    assert "| round1_1 | DiffuSSM [fft] | DiT p1 | 64 |" in text
+    assert "| round1_2 | DiffuSSM [fft] | DiT p1 | 64 |" in text
+    with open(out / "round1_2" / "throughput.csv") as f:
+        assert {row["calls"] for row in csv.DictReader(f)} == {"1"}  # --repeats=1 held
+    bad = run_script([sys.executable, script, "--rounds=0"], env, 60)
+    assert bad.returncode == 2 and "--rounds=0" in bad.stderr
+    typo = run_script(
+        [sys.executable, script, "--rounds=1", f"--out_dir={out}", "--", "--modles=DiT/1"],
+        env,
+        120,
+    )
+    assert typo.returncode == 2 and "modles" in typo.stderr, typo.stderr[-2000:]
