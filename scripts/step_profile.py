@@ -6,7 +6,7 @@
 
 The step is launch.benchmark's (throughput mode: MSE loss, Adam, float32, layers unrolled),
 compiled once, warmed up, then traced for --steps calls. Each XLA op's time is averaged over
-the traced calls and the ops are summed by kind:
+the traced calls and the ops are counted and their times summed by kind:
 
   matmul    YNNPACK fusions and dots (the dense layers, attention's products, and the SSM's
             batched kernel-generation products)
@@ -114,24 +114,25 @@ def main() -> None:
         times = op_times(trace_dir, args.steps)
 
     ops = entry_ops(step.compiled.as_text())
-    by_kind = collections.Counter()
+    by_kind, count = collections.Counter(), collections.Counter()
     for name, ms in times.items():
         opcode, _ = ops.get(name, ("?", "?"))
         by_kind[kind_of(name, opcode)] += ms
+        count[kind_of(name, opcode)] += 1
     total = sum(by_kind.values())
     print(
         f"{spec.label}, D = {args.width}, depth {args.depth}, L = {args.side**2}, batch "
         f"{args.batch}: {seconds:.3f} s per step untraced; host malloc: "
         f"{host_allocator.describe()}; load {os.getloadavg()[0]:.2f}\n"
     )
-    print("| kind | ms per step | share |\n|---|---|---|")
+    print("| kind | ops | ms per step | share |\n|---|---|---|---|")
     for kind in KINDS:
-        print(f"| {kind} | {by_kind[kind]:.1f} | {by_kind[kind] / total:.0%} |")
-    print(f"| all ops | {total:.1f} | |\n")
+        print(f"| {kind} | {count[kind]} | {by_kind[kind]:.2f} | {by_kind[kind] / total:.0%} |")
+    print(f"| all ops | {sum(count.values())} | {total:.2f} | |\n")
     print("| op | kind | shape | ms per step |\n|---|---|---|---|")
     for name, ms in times.most_common(args.top):
         opcode, shape = ops.get(name, ("?", "?"))
-        print(f"| {name} | {kind_of(name, opcode)} | `{shape}` | {ms:.1f} |")
+        print(f"| {name} | {kind_of(name, opcode)} | `{shape}` | {ms:.2f} |")
 
 
 if __name__ == "__main__":
