@@ -116,9 +116,9 @@ def main() -> None:
     ops = entry_ops(step.compiled.as_text())
     by_kind, count = collections.Counter(), collections.Counter()
     for name, ms in times.items():
-        opcode, _ = ops.get(name, ("?", "?"))
-        by_kind[kind_of(name, opcode)] += ms
-        count[kind_of(name, opcode)] += 1
+        kind = kind_of(name, ops.get(name, ("?", "?"))[0])
+        by_kind[kind] += ms
+        count[kind] += 1
     total = sum(by_kind.values())
     print(
         f"{spec.label}, D = {args.width}, depth {args.depth}, L = {args.side**2}, batch "
