@@ -15,6 +15,14 @@ On a shared 2-core host one process's step varies by 10-40% from round to round,
 pair cannot decide a target that sits near 100%; the summary gives the spread of every
 process's ratio, its median, and how many processes reached 100%.
 
+Loaded calls only. The processes do not start timing at the same moment (compilation takes
+different times) nor finish together, and a benchmark keeps each configuration's fastest
+call, so a call made while the other process was still compiling or had already exited
+(an unloaded call) can decide a row. Each benchmark writes every timed call's wall-clock
+start and length (throughput_calls.csv); a process's "loaded" ratio keeps only the calls that
+started and ended while every other process of its round was timing, its best of those
+per configuration. The target is judged on these; the ratio from all calls is shown beside.
+
 Writes <out_dir>/loaded_ratio.md: one row per process, then the summary.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import statistics
 import subprocess
@@ -37,7 +46,19 @@ BENCHMARK = [
     "--train_only",
     "--repeats=5",
 ]
-NUMERIC = ("resolution", "seconds", "images_per_s", "dense_tflops", "xla_tflops", "load_1min")
+NUMERIC = (
+    "resolution",
+    "batch",
+    "seconds",
+    "images_per_s",
+    "dense_gflop",
+    "xla_gflop",
+    "dense_tflops",
+    "xla_tflops",
+    "load_1min",
+    "row",
+    "start_unix",
+)
 
 
 def read_rows(path: str) -> list[dict]:
@@ -51,53 +72,116 @@ def read_rows(path: str) -> list[dict]:
     return rows
 
 
-def process_ratios(name: str, rows: list[dict]) -> list[dict]:
+def timing_window(calls: list[dict]) -> tuple[float, float]:
+    """(first start, last end) of a process's timed calls, in Unix seconds."""
+    return min(c["start_unix"] for c in calls), max(c["start_unix"] + c["seconds"] for c in calls)
+
+
+def loaded_rows(rows: list[dict], calls: list[dict], others: list[tuple[float, float]]):
+    """`rows` with each row's time the best of its calls made while every other process was
+    timing (inside all of `others`' windows), and its FLOP/s and images/s from that time; NaN
+    where no call was. Also returns how many calls each row kept."""
+    low = max((w[0] for w in others), default=float("-inf"))
+    high = min((w[1] for w in others), default=float("inf"))
+    out, kept = [], {}
+    for index, row in enumerate(rows):
+        times = [
+            c["seconds"]
+            for c in calls
+            if c["row"] == index and low <= c["start_unix"] <= high - c["seconds"]
+        ]
+        seconds = min(times, default=float("nan"))
+        kept[row["model"]] = len(times)
+        out.append(
+            dict(
+                row,
+                seconds=seconds,
+                images_per_s=row["batch"] / seconds,
+                dense_tflops=row["dense_gflop"] / seconds / 1e3,
+                xla_tflops=row["xla_gflop"] / seconds / 1e3,
+            )
+        )
+    return out, kept
+
+
+def process_ratios(
+    name: str, rows: list[dict], loaded: tuple[list[dict], dict[str, int]] | None = None
+) -> list[dict]:
     """One entry per (DiffuSSM row, DiT row) of one process: the two FLOP/s ratios, the
-    step times they come from, and the load at the end."""
+    step times they come from, and the load at the end; with `loaded` (from `loaded_rows`),
+    the same from the loaded calls only (keys ending in _loaded) and how many there were."""
     from diffussm_jax.benchmarks.modes import throughput_ratios
 
     seconds = {r["model"]: r["seconds"] for r in rows}
     load = max((r["load_1min"] for r in rows if isinstance(r.get("load_1min"), float)), default=0)
-    return [
-        dict(
+    if loaded is not None:
+        loaded_seconds = {r["model"]: r["seconds"] for r in loaded[0]}
+        loaded_ratios = {
+            (e["model"], e["baseline"], e["resolution"]): e for e in throughput_ratios(loaded[0])
+        }
+    entries = []
+    for entry in throughput_ratios(rows):
+        model, baseline = entry["model"], entry["baseline"]
+        e = dict(
             process=name,
-            model=entry["model"],
-            baseline=entry["baseline"],
+            model=model,
+            baseline=baseline,
             resolution=int(entry["resolution"]),
-            seconds=seconds[entry["model"]],
-            baseline_seconds=seconds[entry["baseline"]],
+            seconds=seconds[model],
+            baseline_seconds=seconds[baseline],
             dense_ratio=entry["dense_tflops_ratio"],
             xla_ratio=entry.get("xla_tflops_ratio", float("nan")),
             load=load,
         )
-        for entry in throughput_ratios(rows)
-    ]
+        if loaded is not None:
+            match = loaded_ratios[(model, baseline, entry["resolution"])]
+            e.update(
+                seconds_loaded=loaded_seconds[model],
+                baseline_seconds_loaded=loaded_seconds[baseline],
+                dense_ratio_loaded=match["dense_tflops_ratio"],
+                xla_ratio_loaded=match.get("xla_tflops_ratio", float("nan")),
+                calls_loaded=f"{loaded[1][model]} / {loaded[1][baseline]}",
+            )
+        entries.append(e)
+    return entries
 
 
-def summarise(entries: list[dict], target: float = 1.0) -> list[dict]:
+def summarise(entries: list[dict], target: float = 1.0, suffix: str = "") -> list[dict]:
     """Per (model, baseline, resolution): the spread and median of the processes' ratios and
-    how many reached `target`."""
+    how many reached `target`; `suffix` "_loaded" summarises the loaded-calls-only ratios
+    (processes without a loaded call of both models are counted apart, as `unloaded`)."""
     groups: dict[tuple, list[dict]] = {}
     for e in entries:
         groups.setdefault((e["model"], e["baseline"], e["resolution"]), []).append(e)
     summary = []
     for (model, baseline, resolution), group in groups.items():
-        dense = [e["dense_ratio"] for e in group]
-        xla = [e["xla_ratio"] for e in group]
+        measured = [e for e in group if not math.isnan(e[f"dense_ratio{suffix}"])]
+        dense = [e[f"dense_ratio{suffix}"] for e in measured]
+        xla = [e[f"xla_ratio{suffix}"] for e in measured]
         summary.append(
             dict(
                 model=model,
                 baseline=baseline,
                 resolution=resolution,
-                processes=len(group),
-                dense_min=min(dense),
-                dense_median=statistics.median(dense),
-                dense_max=max(dense),
-                xla_median=statistics.median(xla),
+                calls="loaded only" if suffix else "all",
+                processes=len(measured),
+                unloaded=len(group) - len(measured),
+                dense_min=min(dense, default=float("nan")),
+                dense_median=statistics.median(dense) if dense else float("nan"),
+                dense_max=max(dense, default=float("nan")),
+                xla_median=statistics.median(xla) if xla else float("nan"),
                 at_or_above_target=sum(d >= target for d in dense),
             )
         )
     return summary
+
+
+def _percent(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.1%}"  # NaN: no loaded call
+
+
+def _seconds(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3f}"
 
 
 def markdown(entries: list[dict], summary: list[dict], command: str) -> str:
@@ -106,27 +190,40 @@ def markdown(entries: list[dict], summary: list[dict], command: str) -> str:
         "",
         f"- command: `{command}`",
         "",
+        "All calls, and (right) loaded calls only: those made while the other processes of the "
+        "round were timing; calls kept: model / baseline.",
+        "",
         "| process | model | baseline | px | s/step | baseline s/step | dense ratio | XLA ratio "
-        "| load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| load | loaded: s/step | baseline s/step | dense ratio | XLA ratio | calls kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
+        loaded = "| - | - | - | - | - |"
+        if "dense_ratio_loaded" in e:
+            loaded = (
+                f"| {_seconds(e['seconds_loaded'])} | {_seconds(e['baseline_seconds_loaded'])} "
+                f"| {_percent(e['dense_ratio_loaded'])} | {_percent(e['xla_ratio_loaded'])} "
+                f"| {e['calls_loaded']} |"
+            )
         lines.append(
             f"| {e['process']} | {e['model']} | {e['baseline']} | {e['resolution']} "
             f"| {e['seconds']:.3f} | {e['baseline_seconds']:.3f} | {e['dense_ratio']:.1%} "
-            f"| {e['xla_ratio']:.1%} | {e['load']:.2f} |"
+            f"| {e['xla_ratio']:.1%} | {e['load']:.2f} {loaded}"
         )
     lines += [
         "",
-        "| model | baseline | px | processes | dense ratio min / median / max | XLA ratio median "
-        "| processes >= 100% |",
-        "|---|---|---|---|---|---|---|",
+        "| model | baseline | px | calls | processes | dense ratio min / median / max "
+        "| XLA ratio median | processes >= 100% |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
+        unloaded = f" ({s['unloaded']} without a loaded call)" if s["unloaded"] else ""
         lines.append(
-            f"| {s['model']} | {s['baseline']} | {s['resolution']} | {s['processes']} "
-            f"| {s['dense_min']:.1%} / {s['dense_median']:.1%} / {s['dense_max']:.1%} "
-            f"| {s['xla_median']:.1%} | {s['at_or_above_target']} of {s['processes']} |"
+            f"| {s['model']} | {s['baseline']} | {s['resolution']} | {s['calls']} "
+            f"| {s['processes']}{unloaded} "
+            f"| {_percent(s['dense_min'])} / {_percent(s['dense_median'])} / "
+            f"{_percent(s['dense_max'])} | {_percent(s['xla_median'])} "
+            f"| {s['at_or_above_target']} of {s['processes']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -164,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                     subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT),
                 )
             )
+        results = {}
         for name, out_dir, log, process in running:
             code = process.wait()
             log.close()
@@ -172,11 +270,21 @@ def main(argv: list[str] | None = None) -> int:
                     tail = f.read()[-2000:]
                 print(f"{name}: the benchmark exited with status {code}:\n{tail}", file=sys.stderr)
                 return 2 if code == 2 else 1
-            entries += process_ratios(name, read_rows(os.path.join(out_dir, "throughput.csv")))
+            results[name] = (
+                read_rows(os.path.join(out_dir, "throughput.csv")),
+                read_rows(os.path.join(out_dir, "throughput_calls.csv")),
+            )
+        windows = {name: timing_window(calls) for name, (_, calls) in results.items()}
+        for name, (rows, calls) in results.items():
+            others = [w for other, w in windows.items() if other != name]
+            entries += process_ratios(name, rows, loaded_rows(rows, calls, others))
         done = [e for e in entries if e["process"].startswith(f"round{round_index}_")]
-        print(f"round {round_index}: " + ", ".join(f"{e['dense_ratio']:.1%}" for e in done))
+        ratios = ", ".join(
+            f"{e['dense_ratio']:.1%} ({_percent(e['dense_ratio_loaded'])} loaded)" for e in done
+        )
+        print(f"round {round_index}: {ratios}")
 
-    summary = summarise(entries)
+    summary = summarise(entries, suffix="_loaded") + summarise(entries)
     command = " ".join(["python scripts/loaded_ratio.py", *own, *(["--", *extra] if extra else [])])
     text = markdown(entries, summary, command)
     with open(os.path.join(args.out_dir, "loaded_ratio.md"), "w") as f:

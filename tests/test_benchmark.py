@@ -68,14 +68,22 @@ def read_csv(path):
 
 
 def check_report(paths, mode):
+    timed = mode != "models"  # the modes that time calls also list each call
     assert {os.path.basename(p) for p in paths.values()} == {
         f"{mode}.{e}" for e in "md csv png".split()
-    }
+    } | ({f"{mode}_calls.csv"} if timed else set())
     rows = read_csv(paths["csv"])
     assert rows
     for row in rows:
         assert row["machine"].startswith("cpu") and row["command"] == f"test {mode}"
         assert row["precision"] and row["batch"] and row["backend"]
+        assert "call_log" not in row
+    if timed:  # each timed row's calls: as many as it counts, the fastest its time
+        calls = read_csv(paths["calls"])
+        for index, row in enumerate(rows):
+            mine = [float(c["seconds"]) for c in calls if c["row"] == str(index)]
+            if row.get("seconds"):
+                assert len(mine) == int(row["calls"]) and min(mine) == float(row["seconds"])
     with open(paths["md"], encoding="utf-8") as f:
         assert f.read().count("\n|") >= len(rows) + 1
     assert os.path.getsize(paths["png"]) > 1000
@@ -350,6 +358,50 @@ def test_loaded_ratio_summary_from_the_processes_csv_files(tmp_path):
     assert "| 90.0% / 110.0% / 125.0% |" in text and "| 2 of 3 |" in text
 
 
+def test_loaded_ratio_keeps_only_calls_made_while_the_other_processes_timed():
+    """A process's loaded ratio comes from its calls that started and ended inside every other
+    process's timing window: here DiT's fastest call (1.5 s) came after the other process
+    had stopped timing, so the loaded ratio uses its 2.0 s call, and DiffuSSM's first call,
+    made before the other process started timing, is dropped too."""
+    script = _loaded_ratio_module()
+    rows = [
+        dict(model="DiffuSSM [fft]", kind="train", resolution=256, backend="fft", batch=8,
+             seconds=0.8, images_per_s=10.0, dense_gflop=40.0, xla_gflop=60.0,
+             dense_tflops=0.05, xla_tflops=0.075, status="ok", load_1min=2.0),
+        dict(model="DiT p1", kind="train", resolution=256, backend="-", batch=8, seconds=1.5,
+             images_per_s=8 / 1.5, dense_gflop=100.0, xla_gflop=100.0, dense_tflops=0.1 / 1.5,
+             xla_tflops=0.1 / 1.5, status="ok", load_1min=2.0),
+    ]  # fmt: skip
+    calls = [
+        dict(row=0, start_unix=10.0, seconds=0.7),  # before the other process timed
+        dict(row=1, start_unix=11.0, seconds=2.0),
+        dict(row=0, start_unix=13.0, seconds=0.8),
+        dict(row=1, start_unix=14.0, seconds=1.5),  # ends after the other process's window
+    ]
+    other = script.timing_window(
+        [dict(start_unix=10.5, seconds=1.0), dict(start_unix=13.0, seconds=1.2)]
+    )
+    assert other == pytest.approx((10.5, 14.2))
+    loaded, kept = script.loaded_rows(rows, calls, [other])
+    assert [r["seconds"] for r in loaded] == [0.8, 2.0] and kept == {
+        "DiffuSSM [fft]": 1,
+        "DiT p1": 1,
+    }
+    (entry,) = script.process_ratios("r1_1", rows, (loaded, kept))
+    assert entry["dense_ratio"] == pytest.approx((40 / 0.8) / (100 / 1.5))  # all calls: 75%
+    assert entry["dense_ratio_loaded"] == pytest.approx((40 / 0.8) / (100 / 2.0))  # 100%
+    assert entry["xla_ratio_loaded"] == pytest.approx((60 / 0.8) / (100 / 2.0))
+    assert entry["calls_loaded"] == "1 / 1"
+    # No call inside the window: the process is counted apart, not as a ratio.
+    none, _ = script.loaded_rows(rows, calls, [(20.0, 30.0)])
+    (empty,) = script.process_ratios("r1_2", rows, (none, {"DiffuSSM [fft]": 0, "DiT p1": 0}))
+    (summary,) = script.summarise([entry, empty], suffix="_loaded")
+    assert (summary["processes"], summary["unloaded"], summary["at_or_above_target"]) == (1, 1, 1)
+    text = script.markdown([entry, empty], [summary], "python scripts/loaded_ratio.py")
+    assert "| loaded only | 1 (1 without a loaded call) | 100.0% / 100.0% / 100.0% |" in text
+    assert "| - | - | - | - | 0 / 0 |" in text
+
+
 def test_loaded_ratio_script_runs_concurrent_benchmarks(tmp_path):
     """A tiny round of two concurrent benchmark processes end to end; flags after `--` reach
     every process; bad arguments and a benchmark's usage error end with status 2."""
@@ -366,7 +418,22 @@ def test_loaded_ratio_script_runs_concurrent_benchmarks(tmp_path):
     assert "| round1_1 | DiffuSSM [fft] | DiT p1 | 64 |" in text
     assert "| round1_2 | DiffuSSM [fft] | DiT p1 | 64 |" in text
     with open(out / "round1_2" / "throughput.csv") as f:
-        assert {row["calls"] for row in csv.DictReader(f)} == {"1"}  # --repeats=1 held
+        rows = list(csv.DictReader(f))
+    assert {row["calls"] for row in rows} == {"1"}  # --repeats=1 held
+    assert "call_log" not in rows[0]  # the calls go to their own file
+    with open(out / "round1_2" / "throughput_calls.csv") as f:
+        calls = list(csv.DictReader(f))
+    assert [(c["row"], c["model"], c["call"]) for c in calls] == [
+        ("0", "DiffuSSM [fft]", "0"),
+        ("1", "DiT p1", "0"),
+    ]
+    assert [float(c["seconds"]) for c in calls] == pytest.approx(
+        [float(r["seconds"]) for r in rows]
+    )
+    assert float(calls[0]["start_unix"]) + float(calls[0]["seconds"]) <= float(
+        calls[1]["start_unix"]
+    )
+    assert "| DiffuSSM [fft] | DiT p1 | 64 | loaded only |" in text
     bad = run_script([sys.executable, script, "--rounds=0"], env, 60)
     assert bad.returncode == 2 and "--rounds=0" in bad.stderr
     typo = run_script(

@@ -4,8 +4,9 @@
     paths = benchmarks.run(benchmarks.Options(mode="scaling", out_dir="docs/benchmarks"))
 
 Every mode measures, returns one row (a dict) per measurement, and writes them under
-`out_dir` as `<mode>.md` (a markdown table), `<mode>.csv` and `<mode>.png`. Each row records the
-machine, SSM backend, dtype, batch and the command that produced it. What each mode measures is
+`out_dir` as `<mode>.md` (a markdown table), `<mode>.csv` and `<mode>.png`, and every timed call
+(its row, wall-clock start and seconds) as `<mode>_calls.csv`. Each row records the machine,
+SSM backend, dtype, batch and the command that produced it. What each mode measures is
 in `modes`; how time, flops and memory are measured in `measurements` and `measure`.
 
   options.py       `Options` (every knob of every mode), `MODES`, `Row`
@@ -21,6 +22,7 @@ in `modes`; how time, flops and memory are measured in `measurements` and `measu
 from __future__ import annotations
 
 from diffussm_jax.benchmarks.machine import machine_description
+from diffussm_jax.benchmarks.measurements import CALL_LOG
 from diffussm_jax.benchmarks.modes import (
     kernel_memory,
     run_models,
@@ -59,12 +61,29 @@ def run(options: Options) -> dict[str, str]:
         rows = run_ssm(options)
         if options.kernel_memory:
             extra.append(("Kernel generation memory (compiled temp)", kernel_memory()))
+    calls = call_rows(rows)
+    rows = [{k: v for k, v in row.items() if k != CALL_LOG} for row in rows]
     # The console gets the context once instead of in every row.
     print(f"machine: {machine_description()}\ncommand: {options.command}\n")
     print(markdown_table(rows, exclude=("machine", "command")))
     for title, table in extra:
         print(f"\n{title}\n{markdown_table(table, exclude=('machine', 'command'))}")
-    return write_report(options, rows, extra)
+    return write_report(options, rows, extra, calls)
 
 
-__all__ = ["MODES", "Options", "Row", "run"]
+# The columns that say which configuration a timed call belongs to, where a row has them.
+_CALL_KEYS = ("model", "kind", "resolution", "backend", "batch")
+
+
+def call_rows(rows: list[Row]) -> list[Row]:
+    """One row per timed call: the index of its row (in `<mode>.csv`), that row's
+    configuration, the call's number, its wall-clock start (Unix seconds) and its seconds."""
+    calls = []
+    for index, row in enumerate(rows):
+        context = {key: row[key] for key in _CALL_KEYS if key in row}
+        for number, (start, seconds) in enumerate(row.get(CALL_LOG, ())):
+            calls.append(dict(row=index, **context, call=number, start_unix=start, seconds=seconds))
+    return calls
+
+
+__all__ = ["MODES", "Options", "Row", "call_rows", "run"]

@@ -4,7 +4,9 @@ time     best (minimum) of up to `repeats` calls after a warm-up call, functions
          ahead of time. The minimum because the machine may be shared: other processes only
          ever add time. By default (`interleave`) all configurations of a run are timed in
          round-robin rounds, so that such load falls on all of them alike; the 1-minute load
-         average when the timing ended is recorded beside each row.
+         average when the timing ended is recorded beside each row, and every timed call's
+         wall-clock start and length in the row's CALL_LOG entry (written to
+         `<mode>_calls.csv`), so that calls made while other processes ran can be told apart.
 memory   a configuration whose compiled peak is predicted over the cap is not run (status
          "skipped") instead of crashing the machine.
 """
@@ -40,6 +42,12 @@ class Measurement:
     batch_size: int
     backend: str
     times: list[float] = dataclasses.field(default_factory=list)
+    starts: list[float] = dataclasses.field(default_factory=list)  # time.time() of each call
+
+
+# The row key under which `time_all` leaves the timed calls, [(start_unix_s, seconds), ...];
+# `benchmarks.run` moves them out of the rows into `<mode>_calls.csv`.
+CALL_LOG = "call_log"
 
 
 def prepare_model(
@@ -84,10 +92,11 @@ def prepare_model(
 
 def _call(measurement: Measurement, warm_up: bool = False) -> None:
     step = measurement.step
-    start = time.perf_counter()
+    wall_start, start = time.time(), time.perf_counter()
     out = jax.block_until_ready(step.compiled(*step.args))
     if not warm_up:
         measurement.times.append(time.perf_counter() - start)
+        measurement.starts.append(wall_start)
     if step.carry is not None:  # the next call takes this step's train state
         step.args = step.carry(out, step.args)
 
@@ -126,6 +135,7 @@ def time_all(
             continue
         seconds = min(m.times)
         m.row.update(seconds=seconds, median_seconds=float(np.median(m.times)), calls=len(m.times))
+        m.row[CALL_LOG] = list(zip(m.starts, m.times, strict=True))
         if "model" in m.row:
             m.row["images_per_s"] = m.batch_size / seconds
         m.row["xla_tflops"] = m.row["xla_gflop"] / seconds / 1e3

@@ -106,13 +106,20 @@ def _plot(mode: str, rows: Sequence[Row], path: str) -> None:
 
 
 def write_report(
-    options: Options, rows: Sequence[Row], extra_tables: Sequence[tuple[str, list[Row]]] = ()
+    options: Options,
+    rows: Sequence[Row],
+    extra_tables: Sequence[tuple[str, list[Row]]] = (),
+    calls: Sequence[Row] = (),
 ) -> dict[str, str]:
-    """<out_dir>/<mode>.md (tables), .csv (main rows), .png; returns the paths."""
+    """<out_dir>/<mode>.md (tables), .csv (main rows), .png, and _calls.csv (`calls`, one row
+    per timed call, if any); returns the paths."""
     os.makedirs(options.out_dir, exist_ok=True)
     base = os.path.join(options.out_dir, options.mode)
     paths = dict(md=base + ".md", csv=base + ".csv", png=base + ".png")
     write_csv(paths["csv"], rows)
+    if calls:
+        paths["calls"] = base + "_calls.csv"
+        write_csv(paths["calls"], calls)
     _plot(options.mode, rows, paths["png"])
     header = [
         f"# Benchmark: {options.mode}",
