@@ -77,13 +77,21 @@ def timing_window(calls: list[dict]) -> tuple[float, float]:
     return min(c["start_unix"] for c in calls), max(c["start_unix"] + c["seconds"] for c in calls)
 
 
-def loaded_rows(rows: list[dict], calls: list[dict], others: list[tuple[float, float]]):
+def _config(row: dict) -> tuple:
+    return row["model"], row["kind"], row["resolution"]
+
+
+def loaded_rows(
+    rows: list[dict], calls: list[dict], others: list[tuple[float, float]]
+) -> list[dict]:
     """`rows` with each row's time the best of its calls made while every other process was
-    timing (inside all of `others`' windows), and its FLOP/s and images/s from that time; NaN
-    where no call was. Also returns how many calls each row kept."""
+    timing (inside all of `others`' windows), its rates from that time (NaN where no call
+    was), and how many calls it kept (`loaded_calls`)."""
+    from diffussm_jax.benchmarks.measurements import rates_at
+
     low = max((w[0] for w in others), default=float("-inf"))
     high = min((w[1] for w in others), default=float("inf"))
-    out, kept = [], {}
+    out = []
     for index, row in enumerate(rows):
         times = [
             c["seconds"]
@@ -91,56 +99,60 @@ def loaded_rows(rows: list[dict], calls: list[dict], others: list[tuple[float, f
             if c["row"] == index and low <= c["start_unix"] <= high - c["seconds"]
         ]
         seconds = min(times, default=float("nan"))
-        kept[row["model"]] = len(times)
         out.append(
             dict(
                 row,
                 seconds=seconds,
-                images_per_s=row["batch"] / seconds,
-                dense_tflops=row["dense_gflop"] / seconds / 1e3,
-                xla_tflops=row["xla_gflop"] / seconds / 1e3,
+                loaded_calls=len(times),
+                **rates_at(row, seconds, int(row["batch"])),
             )
         )
-    return out, kept
+    return out
 
 
-def process_ratios(
-    name: str, rows: list[dict], loaded: tuple[list[dict], dict[str, int]] | None = None
-) -> list[dict]:
+def process_ratios(name: str, rows: list[dict], loaded: list[dict] | None = None) -> list[dict]:
     """One entry per (DiffuSSM row, DiT row) of one process: the two FLOP/s ratios, the
     step times they come from, and the load at the end; with `loaded` (from `loaded_rows`),
     the same from the loaded calls only (keys ending in _loaded) and how many there were."""
     from diffussm_jax.benchmarks.modes import throughput_ratios
 
-    seconds = {r["model"]: r["seconds"] for r in rows}
+    by_config = {_config(r): r for r in rows}
     load = max((r["load_1min"] for r in rows if isinstance(r.get("load_1min"), float)), default=0)
     if loaded is not None:
-        loaded_seconds = {r["model"]: r["seconds"] for r in loaded[0]}
+        loaded_by_config = {_config(r): r for r in loaded}
         loaded_ratios = {
-            (e["model"], e["baseline"], e["resolution"]): e for e in throughput_ratios(loaded[0])
+            (e["model"], e["baseline"], e["kind"], e["resolution"]): e
+            for e in throughput_ratios(loaded)
         }
     entries = []
     for entry in throughput_ratios(rows):
-        model, baseline = entry["model"], entry["baseline"]
+        model, baseline, kind, resolution = (
+            entry["model"],
+            entry["baseline"],
+            entry["kind"],
+            entry["resolution"],
+        )
         e = dict(
             process=name,
             model=model,
             baseline=baseline,
-            resolution=int(entry["resolution"]),
-            seconds=seconds[model],
-            baseline_seconds=seconds[baseline],
+            resolution=int(resolution),
+            seconds=by_config[model, kind, resolution]["seconds"],
+            baseline_seconds=by_config[baseline, kind, resolution]["seconds"],
             dense_ratio=entry["dense_tflops_ratio"],
             xla_ratio=entry.get("xla_tflops_ratio", float("nan")),
             load=load,
         )
         if loaded is not None:
-            match = loaded_ratios[(model, baseline, entry["resolution"])]
+            ours = loaded_by_config[model, kind, resolution]
+            theirs = loaded_by_config[baseline, kind, resolution]
+            match = loaded_ratios[model, baseline, kind, resolution]
             e.update(
-                seconds_loaded=loaded_seconds[model],
-                baseline_seconds_loaded=loaded_seconds[baseline],
+                seconds_loaded=ours["seconds"],
+                baseline_seconds_loaded=theirs["seconds"],
                 dense_ratio_loaded=match["dense_tflops_ratio"],
                 xla_ratio_loaded=match.get("xla_tflops_ratio", float("nan")),
-                calls_loaded=f"{loaded[1][model]} / {loaded[1][baseline]}",
+                calls_loaded=f"{ours['loaded_calls']} / {theirs['loaded_calls']}",
             )
         entries.append(e)
     return entries

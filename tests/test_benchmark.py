@@ -382,19 +382,17 @@ def test_loaded_ratio_keeps_only_calls_made_while_the_other_processes_timed():
         [dict(start_unix=10.5, seconds=1.0), dict(start_unix=13.0, seconds=1.2)]
     )
     assert other == pytest.approx((10.5, 14.2))
-    loaded, kept = script.loaded_rows(rows, calls, [other])
-    assert [r["seconds"] for r in loaded] == [0.8, 2.0] and kept == {
-        "DiffuSSM [fft]": 1,
-        "DiT p1": 1,
-    }
-    (entry,) = script.process_ratios("r1_1", rows, (loaded, kept))
+    loaded = script.loaded_rows(rows, calls, [other])
+    assert [r["seconds"] for r in loaded] == [0.8, 2.0]
+    assert [r["loaded_calls"] for r in loaded] == [1, 1]
+    (entry,) = script.process_ratios("r1_1", rows, loaded)
     assert entry["dense_ratio"] == pytest.approx((40 / 0.8) / (100 / 1.5))  # all calls: 75%
     assert entry["dense_ratio_loaded"] == pytest.approx((40 / 0.8) / (100 / 2.0))  # 100%
     assert entry["xla_ratio_loaded"] == pytest.approx((60 / 0.8) / (100 / 2.0))
     assert entry["calls_loaded"] == "1 / 1"
     # No call inside the window: the process is counted apart, not as a ratio.
-    none, _ = script.loaded_rows(rows, calls, [(20.0, 30.0)])
-    (empty,) = script.process_ratios("r1_2", rows, (none, {"DiffuSSM [fft]": 0, "DiT p1": 0}))
+    none = script.loaded_rows(rows, calls, [(20.0, 30.0)])
+    (empty,) = script.process_ratios("r1_2", rows, none)
     (summary,) = script.summarise([entry, empty], suffix="_loaded")
     assert (summary["processes"], summary["unloaded"], summary["at_or_above_target"]) == (1, 1, 1)
     text = script.markdown([entry, empty], [summary], "python scripts/loaded_ratio.py")

@@ -101,6 +101,18 @@ def _call(measurement: Measurement, warm_up: bool = False) -> None:
         step.args = step.carry(out, step.args)
 
 
+def rates_at(row: Row, seconds: float, batch_size: int) -> Row:
+    """A row's throughput columns for a step time: images/s (model rows) and TFLOP/s by XLA's
+    and by the dense count."""
+    rates: Row = dict(
+        xla_tflops=row["xla_gflop"] / seconds / 1e3,
+        dense_tflops=row["dense_gflop"] / seconds / 1e3,
+    )
+    if "model" in row:
+        rates["images_per_s"] = batch_size / seconds
+    return rates
+
+
 def time_all(
     measurements: Sequence[Measurement], options: Options, peak_rate: float | None = None
 ) -> None:
@@ -136,10 +148,7 @@ def time_all(
         seconds = min(m.times)
         m.row.update(seconds=seconds, median_seconds=float(np.median(m.times)), calls=len(m.times))
         m.row[CALL_LOG] = list(zip(m.starts, m.times, strict=True))
-        if "model" in m.row:
-            m.row["images_per_s"] = m.batch_size / seconds
-        m.row["xla_tflops"] = m.row["xla_gflop"] / seconds / 1e3
-        m.row["dense_tflops"] = m.row["dense_gflop"] / seconds / 1e3
+        m.row.update(rates_at(m.row, seconds, m.batch_size))
         if peak_rate:
             m.row["dense_frac_of_matmul"] = m.row["dense_tflops"] * 1e12 / peak_rate
             m.row["xla_frac_of_matmul"] = m.row["xla_tflops"] * 1e12 / peak_rate
